@@ -1,0 +1,287 @@
+"""Typed configuration: YAML -> dataclasses, dotted overrides, validation.
+
+Every key is declared once, with its type and default, in the dataclasses
+below. Loading a file checks it completely before anything runs: an unknown
+key, a wrong type, a missing required value or an impossible combination is a
+`ConfigError` whose one-line message names the file and the dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+DEFAULT_CONFIG = "configs/demo.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported as '<source>: <dotted.key>: <what is wrong>'."""
+
+
+# ---------------------------------------------------------------- sections
+
+
+@dataclass
+class MlflowConfig:
+    #: Tracking URI. Default: sqlite:///<work_dir>/mlflow.db. The environment
+    #: variable MLFLOW_TRACKING_URI wins over this value, as in MLflow itself.
+    tracking_uri: str | None = None
+    #: Log CPU/GPU/memory system metrics (psutil) in every stage run.
+    system_metrics: bool = False
+
+
+@dataclass
+class RayConfig:
+    #: None: the RAY_ADDRESS environment variable if set, else a private local
+    #: Ray instance. "auto": the cluster this machine belongs to (ray submit).
+    address: str | None = None
+    #: CPUs of the private local instance (None: all of this machine's).
+    num_cpus: int | None = None
+    #: Node address of the private local instance (kept on loopback).
+    node_ip_address: str = "127.0.0.1"
+
+
+@dataclass
+class DemoDataConfig:
+    """The small synthetic image folder used when `data.root` is not given."""
+
+    num_classes: int = 5
+    train_per_class: int = 60
+    val_per_class: int = 20
+    #: Image sides are drawn from [min_side, max_side] (varied sizes and
+    #: aspect ratios, so that isotropic rescaling matters).
+    min_side: int = 40
+    max_side: int = 96
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    #: Image folder <root>/train/<class>/*, <root>/val/<class>/* (or test/).
+    #: A local path or a pyarrow filesystem URI. None: the generated demo set.
+    root: str | None = None
+    demo: DemoDataConfig = field(default_factory=DemoDataConfig)
+
+
+@dataclass
+class ShardConfig:
+    #: Target rows per Parquet shard; shards of a split are balanced.
+    rows_per_shard: int = 1000
+    #: Quality of the JPEGs written for images that must be converted
+    #: (grayscale, CMYK, PNG, 16-bit, ...). Valid RGB JPEGs are kept as they are.
+    jpeg_quality: int = 95
+    #: Seed of the row order across shards (classes are mixed in every shard).
+    seed: int = 0
+
+
+@dataclass
+class PipelineConfig:
+    #: Where every output lives: a local path or a filesystem URI (s3://...).
+    work_dir: str = "./runs"
+    #: MLflow experiment name.
+    experiment: str = "vgg"
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    shard: ShardConfig = field(default_factory=ShardConfig)
+
+
+# ---------------------------------------------------------------- checks
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def validate(cfg: PipelineConfig) -> None:
+    """Cross-field checks: impossible values fail here, before anything runs."""
+    _check(bool(cfg.work_dir), "work_dir", "must not be empty")
+    _check(bool(cfg.experiment), "experiment", "must not be empty")
+    d = cfg.data.demo
+    _check(d.num_classes >= 2, "data.demo.num_classes", f"must be >= 2, got {d.num_classes}")
+    _check(d.train_per_class >= 1, "data.demo.train_per_class", "must be >= 1")
+    _check(d.val_per_class >= 1, "data.demo.val_per_class", "must be >= 1")
+    _check(d.min_side >= 8, "data.demo.min_side", f"must be >= 8, got {d.min_side}")
+    _check(
+        d.max_side >= d.min_side,
+        "data.demo.max_side",
+        f"must be >= data.demo.min_side ({d.min_side}), got {d.max_side}",
+    )
+    s = cfg.shard
+    _check(s.rows_per_shard >= 1, "shard.rows_per_shard", f"must be >= 1, got {s.rows_per_shard}")
+    _check(1 <= s.jpeg_quality <= 100, "shard.jpeg_quality", f"must be in [1, 100], got {s.jpeg_quality}")
+    if cfg.ray.num_cpus is not None:
+        _check(cfg.ray.num_cpus >= 1, "ray.num_cpus", "must be >= 1")
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; return it converted (dataclasses built)."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None:
+            _check(type(None) in args, key, "must not be null")
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    if origin is Literal:
+        _check(value in get_args(tp), key, f"must be one of {list(get_args(tp))}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        _check(isinstance(value, dict), key, f"expected a mapping, got {type(value).__name__} {value!r}")
+        return _build(tp, value, key)
+    if origin in (list, tuple):
+        _check(isinstance(value, (list, tuple)), key, f"expected a list, got {type(value).__name__} {value!r}")
+        args = get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            _check(len(value) == len(args), key, f"expected {len(args)} items, got {len(value)}")
+            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        inner = args[0] if args else Any
+        items = [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        _check(isinstance(value, dict), key, f"expected a mapping, got {type(value).__name__} {value!r}")
+        _, vt = get_args(tp) or (str, Any)
+        return {str(k): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
+    if value is None:
+        raise ConfigError(f"{key}: must not be null (expected {_type_name(tp)})")
+    if tp is bool:
+        _check(isinstance(value, bool), key, f"expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), key, f"expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        _check(ok, key, f"expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        _check(isinstance(value, str), key, f"expected a string, got {type(value).__name__} {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
+
+
+def _build(cls: type, raw: dict, prefix: str) -> Any:
+    """Build dataclass `cls` from mapping `raw`, rejecting unknown keys."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for k in raw:
+        if k not in fields:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"{_join(prefix, str(k))}: unknown key (known keys here: {known})")
+    kwargs = {}
+    for name, f in fields.items():
+        key = _join(prefix, name)
+        if name in raw:
+            kwargs[name] = _coerce(raw[name], hints[name], key)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{key}: required value is missing")
+    return cls(**kwargs)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'a.b=value' -> ('a.b', value parsed as a YAML scalar/list)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text}: expected dotted.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set {text}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {e}") from None
+    return key, value
+
+
+def apply_override(raw: dict, key: str, value: Any) -> None:
+    """Set a dotted key inside a raw (not yet typed) config mapping."""
+    node = raw
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: {'.'.join(parts[: i + 1])} is not a mapping")
+        node = child
+    node[parts[-1]] = value
+
+
+def load_config(
+    path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> PipelineConfig:
+    """Load, override and validate a config. Raises ConfigError naming the file and key."""
+    path = Path(path or DEFAULT_CONFIG)
+    source = str(path)
+    if not path.is_file():
+        raise ConfigError(f"{source}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: top level must be a mapping")
+    if overrides:
+        source += " (with --set " + " ".join(overrides) + ")"
+    try:
+        for text in overrides:
+            apply_override(raw, *parse_override(text))
+        cfg = _build(PipelineConfig, raw, "")
+        validate(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    return cfg
+
+
+def to_dict(obj: Any) -> Any:
+    """Dataclass tree -> plain JSON-able structure (tuples become lists)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1} (for MLflow params)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = _join(prefix, str(k))
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key))
+        else:
+            out[key] = v
+    return out

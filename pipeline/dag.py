@@ -1,0 +1,98 @@
+"""The pipeline as data: a table of stages, their upstream stages and config sections.
+
+Stage ids: `shard`, `augment`, `train/<net>`, `evaluate/<net>`, `fuse` (net names
+come from the config). Each stage names the module function that runs it
+(imported only when the stage runs, so listing the DAG stays fast), the
+config sections it depends on, and its upstream stages. Its cache key hashes
+exactly those sections, its upstream stages' keys and the package version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any, Callable
+
+from pipeline.config import PipelineConfig, to_dict
+
+PACKAGE = "vgg-pipeline"
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    id: str
+    kind: str  # shard | augment | train | evaluate | fuse
+    upstream: tuple[str, ...]
+    #: The resolved config this stage depends on: {name: dataclass or value}.
+    section: dict[str, Any]
+    #: "module:function" taking a StageContext and returning a StageResult.
+    entry: str
+    #: Whether the stage needs a Ray cluster.
+    needs_ray: bool = True
+
+    def load(self) -> Callable:
+        module, fn = self.entry.split(":")
+        return getattr(importlib.import_module(module), fn)
+
+
+@lru_cache(maxsize=1)
+def package_version() -> str:
+    try:
+        return version(PACKAGE)
+    except PackageNotFoundError:  # running from a source tree without installing
+        return "0+source"
+
+
+def cache_key(spec: StageSpec, upstream_keys: dict[str, str]) -> str:
+    """Hash of (resolved config section, upstream cache keys, package version)."""
+    payload = {
+        "stage": spec.id,
+        "section": to_dict(spec.section),
+        "upstream": {k: upstream_keys[k] for k in spec.upstream},
+        "version": package_version(),
+    }
+    blob = json.dumps(payload, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def build_dag(cfg: PipelineConfig) -> dict[str, StageSpec]:
+    """All stages of this config, in dependency (topological) order."""
+    stages = [
+        StageSpec(
+            id="shard",
+            kind="shard",
+            upstream=(),
+            section={"data": cfg.data, "shard": cfg.shard},
+            entry="stages.shard:run",
+        ),
+    ]
+    dag = {s.id: s for s in stages}
+    _check_order(dag)
+    return dag
+
+
+def _check_order(dag: dict[str, StageSpec]) -> None:
+    seen: set[str] = set()
+    for sid, spec in dag.items():
+        for up in spec.upstream:
+            if up not in dag:
+                raise ValueError(f"stage {sid} depends on unknown stage {up}")
+            if up not in seen:
+                raise ValueError(f"stage {sid} is listed before its upstream stage {up}")
+        seen.add(sid)
+
+
+def upstream_closure(dag: dict[str, StageSpec], sid: str) -> list[str]:
+    """All transitive upstream stages of `sid`, in DAG order."""
+    need: set[str] = set()
+    todo = list(dag[sid].upstream)
+    while todo:
+        s = todo.pop()
+        if s not in need:
+            need.add(s)
+            todo.extend(dag[s].upstream)
+    return [s for s in dag if s in need]

@@ -1,0 +1,281 @@
+"""Executes the DAG: cache keys, reuse, one MLflow parent run, a nested run per stage.
+
+This is the thin layer around the stage functions: it decides what runs,
+gives each stage a temporary output directory, logs the stage's result to
+MLflow and publishes the output atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+
+import mlflow
+
+from pipeline import tracking
+from pipeline.config import PipelineConfig, to_dict
+from pipeline.dag import StageSpec, build_dag, cache_key, package_version, upstream_closure
+from pipeline.stage import StageContext, StageResult, TrackingInfo
+from pipeline.storage import StageOutput, Store, write_json
+
+
+class PipelineError(RuntimeError):
+    """A problem the user can fix (unknown stage, missing upstream output, ...)."""
+
+
+@dataclass
+class StageRecord:
+    stage_id: str
+    kind: str
+    cache_key: str
+    status: str  # ran | reused | failed | upstream
+    seconds: float = 0.0
+    output_uri: str = ""
+    run_id: str = ""  # the MLflow run that produced the output
+
+
+@dataclass
+class PipelineRun:
+    parent_run_id: str
+    experiment_id: str
+    tracking_uri: str
+    records: list[StageRecord] = field(default_factory=list)
+
+    def status_of(self, sid: str) -> str:
+        return next(r.status for r in self.records if r.stage_id == sid)
+
+
+# ------------------------------------------------------------------ planning
+
+
+def select(dag: dict[str, StageSpec], stage_ids: list[str] | None) -> list[str]:
+    """The stages to execute, in DAG order. Unknown ids are an error listing the known ones."""
+    if not stage_ids:
+        return list(dag)
+    unknown = [s for s in stage_ids if s not in dag]
+    if unknown:
+        raise PipelineError(f"unknown stage {', '.join(unknown)}; stages of this config: {', '.join(dag)}")
+    return [s for s in dag if s in stage_ids]
+
+
+def plan_keys(dag: dict[str, StageSpec], store: Store, selected: list[str]) -> dict[str, str]:
+    """Cache keys of the selected stages; stages outside the selection contribute their
+    latest completed output (the contract of `--stage`), which must exist."""
+    keys: dict[str, str] = {}
+    needed = set(selected)
+    for sid in selected:
+        needed.update(upstream_closure(dag, sid))
+    for sid in dag:
+        if sid not in needed:
+            continue
+        if sid in selected:
+            keys[sid] = cache_key(dag[sid], keys)
+            continue
+        latest = store.latest(sid)
+        if latest is None:
+            users = [s for s in selected if sid in dag[s].upstream] or selected
+            raise PipelineError(
+                f"stage {', '.join(users)} needs the output of {sid}, which has no completed "
+                f"output in {store.work_dir}; produce it first with "
+                f"`python pipeline/run.py --stage {sid}` (or run the whole pipeline)"
+            )
+        keys[sid] = latest.key
+    return keys
+
+
+def states(cfg: PipelineConfig) -> list[tuple[StageSpec, str, str]]:
+    """(stage, current cache key, done|stale|missing) for every stage."""
+    dag = build_dag(cfg)
+    store = Store(cfg.work_dir)
+    keys: dict[str, str] = {}
+    out = []
+    for sid, spec in dag.items():
+        keys[sid] = cache_key(spec, keys)
+        if store.is_complete(sid, keys[sid]):
+            state = "done"
+        elif store.latest(sid) is not None:
+            state = "stale"
+        else:
+            state = "missing"
+        out.append((spec, keys[sid], state))
+    return out
+
+
+# ------------------------------------------------------------------ execution
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run_pipeline(
+    cfg: PipelineConfig,
+    stage_ids: list[str] | None = None,
+    force: bool = False,
+    config_path: str = "",
+) -> PipelineRun:
+    """Run the selected stages (default: all) in dependency order."""
+    dag = build_dag(cfg)
+    selected = select(dag, stage_ids)
+    store = Store(cfg.work_dir)
+    keys = plan_keys(dag, store, selected)
+    uri, exp_id = tracking.setup_experiment(cfg)
+    inputs = {sid: store.output(sid, keys[sid]) for sid in keys if sid not in selected}
+    ray_started = False
+    name = "pipeline" if not stage_ids else "stage " + " ".join(selected)
+    with mlflow.start_run(experiment_id=exp_id, run_name=name) as parent:
+        run = PipelineRun(parent.info.run_id, exp_id, uri)
+        _log_parent_start(cfg, config_path, selected, force, store)
+        _say(f"MLflow run {parent.info.run_id} (experiment {cfg.experiment!r}) at {uri}")
+        try:
+            for i, sid in enumerate(selected, 1):
+                spec, key = dag[sid], keys[sid]
+                prefix = f"[{i}/{len(selected)}] {sid:<16}"
+                if not force and store.is_complete(sid, key):
+                    rec = _reuse(store, spec, key)
+                    _say(f"{prefix} reused  (cache key {key}, {rec.output_uri})")
+                else:
+                    if spec.needs_ray and not ray_started:
+                        ray_started = connect_ray(cfg)
+                    _say(f"{prefix} running (cache key {key})")
+                    rec = _execute(store, spec, key, inputs, TrackingInfo(uri, exp_id, ""), cfg)
+                    _say(f"{prefix} done in {rec.seconds:.1f} s -> {rec.output_uri}")
+                inputs[sid] = store.output(sid, key)
+                run.records.append(rec)
+        finally:
+            _log_parent_end(run)
+            if ray_started:
+                disconnect_ray()
+    return run
+
+
+def _log_parent_start(cfg: PipelineConfig, config_path: str, selected: list[str], force: bool, store: Store) -> None:
+    mlflow.set_tags(
+        {
+            "config_file": config_path,
+            "stages": " ".join(selected),
+            "force": str(force),
+            "package_version": package_version(),
+            "work_dir": store.work_dir,
+        }
+    )
+    tracking.log_params(tracking.params_of(to_dict(cfg)))
+    mlflow.log_dict(to_dict(cfg), "config.json")
+
+
+def _log_parent_end(run: PipelineRun) -> None:
+    if not run.records:
+        return
+    cols = ["stage_id", "kind", "status", "cache_key", "seconds", "output_uri", "run_id"]
+    mlflow.log_table({c: [getattr(r, c) for r in run.records] for c in cols}, artifact_file="stages.json")
+    tags = {f"stage.{r.stage_id}": f"{r.status} {r.cache_key}" for r in run.records}
+    mlflow.set_tags(tags)
+    mlflow.log_metrics(
+        {
+            "stages_ran": sum(r.status == "ran" for r in run.records),
+            "stages_reused": sum(r.status == "reused" for r in run.records),
+        }
+    )
+
+
+def _reuse(store: Store, spec: StageSpec, key: str) -> StageRecord:
+    out = store.output(spec.id, key)
+    marker = out.marker
+    return StageRecord(spec.id, spec.kind, key, "reused", 0.0, out.uri, marker.get("mlflow_run_id", ""))
+
+
+def _execute(
+    store: Store,
+    spec: StageSpec,
+    key: str,
+    inputs: dict[str, StageOutput],
+    info: TrackingInfo,
+    cfg: PipelineConfig,
+) -> StageRecord:
+    store.sweep_tmp(spec.id, key)
+    tmp = store.begin(spec.id, key)
+    tags = {"stage": spec.kind, "stage_id": spec.id, "cache_key": key, "package_version": package_version()}
+    t0 = time.monotonic()
+    with mlflow.start_run(
+        run_name=spec.id, nested=True, tags=tags, log_system_metrics=cfg.mlflow.system_metrics
+    ) as run:
+        info = TrackingInfo(info.tracking_uri, info.experiment_id, run.info.run_id)
+        tracking.log_params(tracking.params_of(spec.section))
+        ups = {u: inputs[u] for u in spec.upstream}
+        mlflow.set_tags({f"input.{u}": f"{o.key} {o.uri}" for u, o in ups.items()})
+        ctx = StageContext(spec.id, spec.kind, spec.section, ups, tmp, info)
+        try:
+            result: StageResult = spec.load()(ctx)
+            seconds = time.monotonic() - t0
+            _log_result(tmp, result, seconds, spec.section)
+            final = store.publish(
+                tmp,
+                {
+                    "stage_id": spec.id,
+                    "cache_key": key,
+                    "mlflow_run_id": run.info.run_id,
+                    "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    "seconds": round(seconds, 3),
+                    "package_version": package_version(),
+                    "upstream": {u: o.key for u, o in ups.items()},
+                },
+            )
+            mlflow.set_tag("output_uri", final.uri)
+        except BaseException as e:
+            store.discard(tmp)
+            mlflow.set_tag("error", f"{type(e).__name__}: {e}"[:5000])
+            if not isinstance(e, (KeyboardInterrupt, SystemExit)):
+                mlflow.log_text(traceback.format_exc(), "error.txt")
+            raise
+    if result.summary:
+        _say(f"  [{spec.id}] {result.summary}")
+    return StageRecord(spec.id, spec.kind, key, "ran", seconds, final.uri, run.info.run_id)
+
+
+def _log_result(out: StageOutput, result: StageResult, seconds: float, section: dict) -> None:
+    """The stage's small results: params, metrics, tables, manifest, resolved config, files."""
+    if result.params:
+        tracking.log_params({k: str(v) for k, v in result.params.items()})
+    mlflow.log_metrics({**result.metrics, "stage_seconds": seconds})
+    for name, table in result.tables.items():
+        mlflow.log_table(table, artifact_file=name)
+    # The resolved config travels with every output (STYLE: write it next to every artifact).
+    write_json(out.fs, out.join("config.json"), to_dict(section))
+    files = ["config.json", *result.artifacts]
+    if result.manifest:
+        write_json(out.fs, out.join("manifest.json"), result.manifest)
+        files.append("manifest.json")
+    tracking.log_output_files(out, files)
+
+
+# ------------------------------------------------------------------ ray
+
+
+def connect_ray(cfg: PipelineConfig) -> bool:
+    """Join the configured cluster, or start a private local one. -> whether we connected."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        _say(f"Connecting to Ray at {address}")
+        ray.init(address=address, log_to_driver=True)
+    else:
+        _say("Starting a local Ray instance")
+        ray.init(
+            address="local",
+            num_cpus=cfg.ray.num_cpus,
+            include_dashboard=False,
+            _node_ip_address=cfg.ray.node_ip_address,
+        )
+    return True
+
+
+def disconnect_ray() -> None:
+    import ray
+
+    ray.shutdown()

@@ -1,0 +1,173 @@
+"""Stage outputs under `work_dir`, on any pyarrow filesystem (local, s3://, gs://, ...).
+
+Layout::
+
+    <work_dir>/stages/<stage_id>/<cache_key>/...            completed output
+    <work_dir>/stages/<stage_id>/<cache_key>/_SUCCESS.json   written last
+    <work_dir>/stages/<stage_id>/LATEST                      key of the newest one
+    <work_dir>/stages/<stage_id>/_tmp/<key>-<nonce>/         work in progress
+
+A stage writes into a fresh temporary directory; on success it is moved to its
+final place and the `_SUCCESS.json` marker is written after the move. An output
+counts as completed only if the marker exists, so an interrupted stage (Ctrl-C,
+kill -9, a crash) never leaves anything that could be taken for a result.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow.fs as pafs
+
+MARKER = "_SUCCESS.json"
+
+
+def resolve_uri(uri: str) -> tuple[pafs.FileSystem, str]:
+    """A local path or filesystem URI -> (pyarrow filesystem, path inside it)."""
+    if "://" in uri:
+        return pafs.FileSystem.from_uri(uri)
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+
+
+def is_local(fs: pafs.FileSystem) -> bool:
+    return isinstance(fs, pafs.LocalFileSystem)
+
+
+def write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    """Write a whole file; on a local filesystem via rename, so readers never see half of it."""
+    fs.create_dir(posixpath.dirname(path), recursive=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}" if is_local(fs) else path
+    with fs.open_output_stream(tmp) as f:
+        f.write(data)
+    if tmp != path:
+        os.replace(tmp, path)
+
+
+def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def write_json(fs: pafs.FileSystem, path: str, obj: Any) -> None:
+    write_bytes(fs, path, json.dumps(obj, indent=2, sort_keys=True).encode())
+
+
+def read_json(fs: pafs.FileSystem, path: str) -> Any:
+    return json.loads(read_bytes(fs, path))
+
+
+def exists(fs: pafs.FileSystem, path: str) -> bool:
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+@dataclass(frozen=True)
+class StageOutput:
+    """A completed stage output: where it is, and its manifest."""
+
+    stage_id: str
+    key: str
+    fs: pafs.FileSystem
+    path: str
+    uri: str
+
+    def join(self, *parts: str) -> str:
+        """Path of a file inside the output (for `fs`)."""
+        return posixpath.join(self.path, *parts)
+
+    def local(self, *parts: str) -> str:
+        """Local path of a file inside the output (local filesystems only)."""
+        if not is_local(self.fs):
+            raise ValueError(f"{self.uri} is not on a local filesystem")
+        return self.join(*parts)
+
+    def read_json(self, *parts: str) -> Any:
+        return read_json(self.fs, self.join(*parts))
+
+    @property
+    def marker(self) -> dict:
+        return self.read_json(MARKER)
+
+
+class Store:
+    """Completed and in-progress stage outputs under one work_dir."""
+
+    def __init__(self, work_dir: str):
+        self.work_dir = work_dir
+        self.fs, self.root = resolve_uri(work_dir)
+
+    # ------------------------------------------------------------ naming
+    def uri(self, path: str) -> str:
+        if is_local(self.fs):
+            return path
+        scheme = self.work_dir.split("://", 1)[0]
+        return f"{scheme}://{path}"
+
+    def stage_root(self, stage_id: str) -> str:
+        return posixpath.join(self.root, "stages", stage_id)
+
+    def output(self, stage_id: str, key: str) -> StageOutput:
+        path = posixpath.join(self.stage_root(stage_id), key)
+        return StageOutput(stage_id, key, self.fs, path, self.uri(path))
+
+    # ------------------------------------------------------------ queries
+    def is_complete(self, stage_id: str, key: str) -> bool:
+        return exists(self.fs, posixpath.join(self.stage_root(stage_id), key, MARKER))
+
+    def latest(self, stage_id: str) -> StageOutput | None:
+        """The most recently published completed output of a stage, if any."""
+        pointer = posixpath.join(self.stage_root(stage_id), "LATEST")
+        if not exists(self.fs, pointer):
+            return None
+        key = read_bytes(self.fs, pointer).decode().strip()
+        if not self.is_complete(stage_id, key):
+            return None
+        return self.output(stage_id, key)
+
+    # ------------------------------------------------------------ writing
+    def begin(self, stage_id: str, key: str) -> StageOutput:
+        """A fresh temporary directory for a stage's work."""
+        nonce = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        path = posixpath.join(self.stage_root(stage_id), "_tmp", f"{key}-{nonce}")
+        self.fs.create_dir(path, recursive=True)
+        return StageOutput(stage_id, key, self.fs, path, self.uri(path))
+
+    def discard(self, tmp: StageOutput) -> None:
+        """Remove a temporary output (after a failure)."""
+        if exists(self.fs, tmp.path):
+            self.fs.delete_dir(tmp.path)
+
+    def publish(self, tmp: StageOutput, marker: dict) -> StageOutput:
+        """Move a finished temporary output into place, then mark it complete."""
+        final = self.output(tmp.stage_id, tmp.key)
+        if exists(self.fs, final.path):  # --force, or debris of an interrupted publish
+            self.fs.delete_dir(final.path)
+        self.fs.move(tmp.path, final.path)
+        write_json(self.fs, final.join(MARKER), marker)
+        write_bytes(self.fs, posixpath.join(self.stage_root(tmp.stage_id), "LATEST"), tmp.key.encode())
+        return final
+
+    def sweep_tmp(self, stage_id: str, key: str, stale_after_s: float = 86400.0) -> int:
+        """Delete temporary outputs left by interrupted runs; returns how many.
+
+        Removes earlier attempts at the same key, and anything older than
+        `stale_after_s` (a concurrent run of another key is left alone).
+        """
+        tmp_root = posixpath.join(self.stage_root(stage_id), "_tmp")
+        if not exists(self.fs, tmp_root):
+            return 0
+        now = time.time()
+        n = 0
+        for info in self.fs.get_file_info(pafs.FileSelector(tmp_root)):
+            age = now - info.mtime.timestamp() if info.mtime else float("inf")
+            if info.type == pafs.FileType.Directory and (
+                info.base_name.startswith(f"{key}-") or age >= stale_after_s
+            ):
+                self.fs.delete_dir(info.path)
+                n += 1
+        return n

@@ -1,0 +1,113 @@
+"""MLflow: the store, the experiment, one parent run per invocation, nested stage runs.
+
+Known traps handled here: several processes creating a fresh SQLite store at
+once crash on the schema creation, and racing `set_experiment` calls can drop
+runs into "Default" — so the driver creates the store and the experiment
+before any worker starts, and everything else passes `experiment_id`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import tempfile
+from typing import Any
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from pipeline.config import PipelineConfig, flatten, to_dict
+from pipeline.storage import StageOutput, is_local, read_bytes, resolve_uri
+
+MAX_PARAM_LEN = 6000
+
+
+def tracking_uri(cfg: PipelineConfig) -> str:
+    """MLFLOW_TRACKING_URI wins, then `mlflow.tracking_uri`, then SQLite under work_dir."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    if cfg.mlflow.tracking_uri:
+        return cfg.mlflow.tracking_uri
+    fs, root = resolve_uri(cfg.work_dir)
+    if not is_local(fs):
+        raise ValueError(
+            f"work_dir {cfg.work_dir} is not local: set mlflow.tracking_uri (e.g. the head node's "
+            "`mlflow server`, http://<head>:5000) or MLFLOW_TRACKING_URI"
+        )
+    os.makedirs(root, exist_ok=True)
+    return f"sqlite:///{os.path.join(root, 'mlflow.db')}"
+
+
+def artifact_location(cfg: PipelineConfig, uri: str) -> str | None:
+    """Where a new experiment keeps artifacts: under work_dir, unless a server decides."""
+    if uri.startswith(("http://", "https://", "databricks")):
+        return None
+    fs, root = resolve_uri(cfg.work_dir)
+    if is_local(fs):
+        return "file://" + posixpath.join(root, "mlartifacts")
+    return cfg.work_dir.rstrip("/") + "/mlartifacts"
+
+
+def setup_experiment(cfg: PipelineConfig) -> tuple[str, str]:
+    """Create (if needed) the store and the experiment, in this process. -> (uri, experiment_id)."""
+    uri = tracking_uri(cfg)
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(cfg.experiment)
+    if exp is None:
+        exp_id = client.create_experiment(cfg.experiment, artifact_location=artifact_location(cfg, uri))
+    elif exp.lifecycle_stage == "deleted":
+        raise ValueError(
+            f"MLflow experiment {cfg.experiment!r} is deleted in {uri}: restore it "
+            "(mlflow experiments restore) or choose another `experiment` name"
+        )
+    else:
+        exp_id = exp.experiment_id
+    return uri, exp_id
+
+
+def params_of(section: dict[str, Any]) -> dict[str, str]:
+    """A config section as MLflow params (dotted keys, values as strings, length-capped)."""
+    out = {}
+    for k, v in flatten(to_dict(section)).items():
+        s = json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+        out[k] = s if len(s) <= MAX_PARAM_LEN else s[: MAX_PARAM_LEN - 3] + "..."
+    return out
+
+
+def log_params(params: dict[str, Any]) -> None:
+    items = list(params.items())
+    for i in range(0, len(items), 100):  # MLflow's batch limit
+        mlflow.log_params(dict(items[i : i + 100]))
+
+
+def log_output_files(out: StageOutput, names: list[str], artifact_path: str | None = None) -> None:
+    """Log files of a stage output as artifacts (downloaded first if the output is remote)."""
+    if not names:
+        return
+    if is_local(out.fs):
+        for name in names:
+            mlflow.log_artifact(out.join(name), artifact_path=_subdir(name, artifact_path))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            local = os.path.join(tmp, name)
+            os.makedirs(os.path.dirname(local), exist_ok=True)
+            with open(local, "wb") as f:
+                f.write(read_bytes(out.fs, out.join(name)))
+            mlflow.log_artifact(local, artifact_path=_subdir(name, artifact_path))
+
+
+def _subdir(name: str, artifact_path: str | None) -> str | None:
+    parent = posixpath.dirname(name)
+    parts = [p for p in (artifact_path, parent) if p]
+    return "/".join(parts) or None
+
+
+def runs_of(uri: str, experiment_id: str, parent_run_id: str | None = None) -> list[mlflow.entities.Run]:
+    """All runs of the experiment (optionally only the children of one parent)."""
+    client = MlflowClient(uri)
+    flt = f"tags.mlflow.parentRunId = '{parent_run_id}'" if parent_run_id else ""
+    return client.search_runs([experiment_id], filter_string=flt, max_results=5000)
