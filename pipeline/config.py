@@ -131,8 +131,13 @@ def _type_name(tp: Any) -> str:
     return str(tp).replace("typing.", "")
 
 
+MISSING = "???"  # a value the user must supply (e.g. data.root in configs/cifar10.yaml)
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against the annotation `tp`; return it converted (dataclasses built)."""
+    if isinstance(value, str) and value == MISSING:
+        raise ConfigError(f"{key}: required value is missing (give it with --set {key}=...)")
     origin = get_origin(tp)
     if tp is Any:
         return value

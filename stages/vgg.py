@@ -338,7 +338,7 @@ def init_from(net: VGG, source_state: Mapping[str, torch.Tensor],
 def _check_keys(expected: Sequence[str], state: Mapping[str, torch.Tensor], name: str) -> None:
     """ValueError listing missing and unexpected keys, if any."""
     missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in set(expected)]
+    unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         raise ValueError(f"state does not match the layout of net {name!r}: "
                          f"missing {missing[:5]}, unexpected {unexpected[:5]}"

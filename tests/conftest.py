@@ -1,0 +1,72 @@
+"""Shared fixtures: one local Ray instance per test session (on loopback), temp work dirs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "configs" / "demo.yaml"
+
+# Small demo data so that end-to-end tests take seconds.
+TINY = [
+    "data.demo.num_classes=3",
+    "data.demo.train_per_class=8",
+    "data.demo.val_per_class=4",
+    "data.demo.min_side=36",
+    "data.demo.max_side=60",
+    "shard.rows_per_shard=10",
+]
+
+
+@pytest.fixture(autouse=True)
+def _no_env_tracking(monkeypatch):
+    """Tests use their own SQLite stores; a user's MLFLOW_TRACKING_URI / RAY_ADDRESS must not leak in."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A private local Ray instance bound to 127.0.0.1, shared by the tests that need one."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            address="local",
+            num_cpus=2,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            log_to_driver=False,
+        )
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def work_dir(tmp_path) -> str:
+    return str(tmp_path / "work")
+
+
+@pytest.fixture
+def tiny_cfg(work_dir):
+    """The demo config with tiny data in a temp work_dir."""
+    from pipeline.config import load_config
+
+    def make(*extra: str):
+        return load_config(DEMO, [f"work_dir={work_dir}", *TINY, *extra])
+
+    return make
+
+
+def write_images(root: Path, split: str, cls: str, images) -> None:
+    """Save PIL images as JPEG files <root>/<split>/<cls>/<i>.jpg."""
+    d = root / split / cls
+    d.mkdir(parents=True, exist_ok=True)
+    for i, im in enumerate(images):
+        im.save(d / f"{i:03d}.jpg", "JPEG", quality=95)
+
+
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")

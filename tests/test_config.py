@@ -1,0 +1,84 @@
+"""Config loading: every problem fails before anything runs, naming the file and the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.config import ConfigError, PipelineConfig, load_config, to_dict
+from tests.conftest import DEMO, ROOT
+
+
+def write(tmp_path, text: str):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_demo_config_loads_with_defaults():
+    cfg = load_config(DEMO)
+    assert isinstance(cfg, PipelineConfig)
+    assert cfg.work_dir == "./runs"
+    assert cfg.data.root is None
+    assert cfg.shard.rows_per_shard == 100
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "cifar10.yaml", "imagenet.yaml"])
+def test_shipped_configs_load(name):
+    overrides = ["data.root=/data/x"] if name != "demo.yaml" else []
+    cfg = load_config(ROOT / "configs" / name, overrides)
+    assert cfg.experiment
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    p = write(tmp_path, "shard:\n  rows_per_shrd: 5\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert str(p) in msg and "shard.rows_per_shrd" in msg and "unknown key" in msg
+
+
+def test_wrong_type_names_key(tmp_path):
+    p = write(tmp_path, "shard:\n  rows_per_shard: many\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: shard\.rows_per_shard: expected an integer"):
+        load_config(p)
+
+
+def test_bool_is_not_an_int(tmp_path):
+    p = write(tmp_path, "shard:\n  rows_per_shard: true\n")
+    with pytest.raises(ConfigError, match="shard.rows_per_shard"):
+        load_config(p)
+
+
+def test_missing_required_value(tmp_path):
+    p = write(tmp_path, "data:\n  root: ???\n")
+    with pytest.raises(ConfigError, match=r"data\.root: required value is missing"):
+        load_config(p)
+    assert load_config(p, ["data.root=/somewhere"]).data.root == "/somewhere"
+
+
+def test_impossible_value(tmp_path):
+    p = write(tmp_path, "data:\n  demo:\n    min_side: 64\n    max_side: 32\n")
+    with pytest.raises(ConfigError, match=r"data\.demo\.max_side: must be >= data\.demo\.min_side"):
+        load_config(p)
+
+
+def test_set_overrides_are_type_checked():
+    cfg = load_config(DEMO, ["shard.rows_per_shard=7", "experiment=x", "mlflow.tracking_uri=sqlite:///a.db"])
+    assert cfg.shard.rows_per_shard == 7 and cfg.experiment == "x"
+    assert cfg.mlflow.tracking_uri == "sqlite:///a.db"
+    with pytest.raises(ConfigError, match=r"--set shard\.rows_per_shard=x\).*shard\.rows_per_shard: expected an integer"):
+        load_config(DEMO, ["shard.rows_per_shard=x"])
+    with pytest.raises(ConfigError, match="shard.nope: unknown key"):
+        load_config(DEMO, ["shard.nope=1"])
+    with pytest.raises(ConfigError, match="expected dotted.key=value"):
+        load_config(DEMO, ["shard.rows_per_shard"])
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config("/nonexistent/c.yaml")
+
+
+def test_to_dict_roundtrip_is_plain():
+    d = to_dict(load_config(DEMO))
+    assert d["shard"]["rows_per_shard"] == 100 and isinstance(d["data"]["demo"], dict)
