@@ -200,7 +200,11 @@ def _execute(
     tags = {"stage": spec.kind, "stage_id": spec.id, "cache_key": key, "package_version": package_version()}
     t0 = time.monotonic()
     with mlflow.start_run(
-        run_name=spec.id, nested=True, tags=tags, log_system_metrics=cfg.mlflow.system_metrics
+        experiment_id=info.experiment_id,
+        run_name=spec.id,
+        nested=True,
+        tags=tags,
+        log_system_metrics=cfg.mlflow.system_metrics,
     ) as run:
         info = TrackingInfo(info.tracking_uri, info.experiment_id, run.info.run_id)
         tracking.log_params(tracking.params_of(spec.section))
@@ -265,14 +269,26 @@ def connect_ray(cfg: PipelineConfig) -> bool:
         _say(f"Connecting to Ray at {address}")
         ray.init(address=address, log_to_driver=True)
     else:
-        _say("Starting a local Ray instance")
-        ray.init(
-            address="local",
-            num_cpus=cfg.ray.num_cpus,
-            include_dashboard=False,
-            _node_ip_address=cfg.ray.node_ip_address,
-        )
+        _say(f"Starting a local Ray instance on {cfg.ray.node_ip_address}")
+        start_local_ray(cfg.ray.num_cpus, cfg.ray.node_ip_address)
     return True
+
+
+def start_local_ray(num_cpus: int | None, node_ip: str = "127.0.0.1", **kwargs) -> None:
+    """A private single-machine Ray instance whose processes all bind to `node_ip`."""
+    import ray
+
+    if node_ip in ("127.0.0.1", "localhost"):
+        # ray.init turns 127.0.0.1 into the machine's routable address, except in
+        # its single-machine mode (what it uses on macOS/Windows): switch that on,
+        # for this process and the Ray processes it starts.
+        from ray._private import ray_constants
+
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        ray_constants.ENABLE_RAY_CLUSTER = False
+    else:
+        kwargs["_node_ip_address"] = node_ip
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
 
 
 def disconnect_ray() -> None:

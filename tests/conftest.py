@@ -33,14 +33,11 @@ def ray_session():
     """A private local Ray instance bound to 127.0.0.1, shared by the tests that need one."""
     import ray
 
+    from pipeline.runner import start_local_ray
+
     if not ray.is_initialized():
-        ray.init(
-            address="local",
-            num_cpus=2,
-            include_dashboard=False,
-            _node_ip_address="127.0.0.1",
-            log_to_driver=False,
-        )
+        start_local_ray(2, "127.0.0.1", log_to_driver=False)
+    assert ray.util.get_node_ip_address() == "127.0.0.1"
     yield ray
     ray.shutdown()
 
