@@ -82,6 +82,32 @@ class ShardConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """The augmentation spec (paper section 3.1) shared by every train and evaluate stage."""
+
+    #: Training crop (the paper: 224). Every net's smallest training scale must be >= crop.
+    crop: int = 224
+    #: AlexNet's PCA colour noise: alpha ~ N(0, color_noise_std) per eigenvector.
+    color_noise_std: float = 0.1
+    flip: bool = True
+    #: DALI decoding: "auto" (mixed/GPU decoding where the worker has a GPU), "cpu" or "gpu".
+    device: Literal["auto", "cpu", "gpu"] = "auto"
+    #: DALI CPU threads per pipeline.
+    num_threads: int = 2
+    #: DALI prefetch queue depth.
+    prefetch: int = 2
+    #: Resampling filter of the rescale.
+    interp: Literal["linear", "cubic", "lanczos3"] = "linear"
+    #: Checks of the augment stage: batches of each pipeline kind run, their
+    #: batch size, and the training scale range used ([Smin, Smax]; None: the
+    #: paper's [256, 512] relative to the crop, i.e. [crop*8/7, crop*16/7]).
+    check_batches: int = 20
+    check_batch_size: int = 64
+    check_scale: list[int] | None = None
+    seed: int = 0
+
+
+@dataclass
 class PipelineConfig:
     #: Where every output lives: a local path or a filesystem URI (s3://...).
     work_dir: str = "./runs"
@@ -91,6 +117,7 @@ class PipelineConfig:
     ray: RayConfig = field(default_factory=RayConfig)
     data: DataConfig = field(default_factory=DataConfig)
     shard: ShardConfig = field(default_factory=ShardConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 # ---------------------------------------------------------------- checks
@@ -118,8 +145,32 @@ def validate(cfg: PipelineConfig) -> None:
     s = cfg.shard
     _check(s.rows_per_shard >= 1, "shard.rows_per_shard", f"must be >= 1, got {s.rows_per_shard}")
     _check(1 <= s.jpeg_quality <= 100, "shard.jpeg_quality", f"must be in [1, 100], got {s.jpeg_quality}")
+    a = cfg.augment
+    _check(a.crop >= 32 and a.crop % 32 == 0, "augment.crop", f"must be a multiple of 32 (five 2x2 pools), got {a.crop}")
+    _check(a.color_noise_std >= 0, "augment.color_noise_std", "must be >= 0")
+    _check(a.num_threads >= 1, "augment.num_threads", "must be >= 1")
+    _check(a.check_batches >= 1, "augment.check_batches", "must be >= 1")
+    _check(a.check_batch_size >= 1, "augment.check_batch_size", "must be >= 1")
+    if a.check_scale is not None:
+        _check_scale(a.check_scale, a.crop, "augment.check_scale")
     if cfg.ray.num_cpus is not None:
         _check(cfg.ray.num_cpus >= 1, "ray.num_cpus", "must be >= 1")
+
+
+def _check_scale(scale: int | list[int], crop: int, key: str) -> tuple[int, int]:
+    """A training scale S or [Smin, Smax]: Smin <= Smax, and the crop fits in Smin."""
+    lo, hi = (scale, scale) if isinstance(scale, int) else (tuple(scale) + (None, None))[:2]
+    _check(isinstance(scale, int) or len(scale) == 2, key, f"expected S or [Smin, Smax], got {scale}")
+    _check(lo <= hi, key, f"Smin ({lo}) must be <= Smax ({hi})")
+    _check(lo >= crop, key, f"the crop (augment.crop = {crop}) is larger than the smallest scale {lo}")
+    return lo, hi
+
+
+def check_scale_of(a: AugmentConfig) -> tuple[int, int]:
+    """The [Smin, Smax] used by the augment stage's checks."""
+    if a.check_scale is not None:
+        return tuple(a.check_scale)  # type: ignore[return-value]
+    return round(a.crop * 8 / 7), round(a.crop * 16 / 7)
 
 
 # ---------------------------------------------------------------- loading

@@ -82,3 +82,17 @@ def test_missing_file():
 def test_to_dict_roundtrip_is_plain():
     d = to_dict(load_config(DEMO))
     assert d["shard"]["rows_per_shard"] == 100 and isinstance(d["data"]["demo"], dict)
+
+
+def test_crop_larger_than_smallest_scale(tmp_path):
+    p = write(tmp_path, "augment:\n  crop: 64\n  check_scale: [48, 96]\n")
+    with pytest.raises(ConfigError, match=r"augment\.check_scale: the crop \(augment\.crop = 64\) is larger than the smallest scale 48"):
+        load_config(p)
+    p = write(tmp_path, "augment:\n  crop: 32\n  check_scale: [64, 48]\n")
+    with pytest.raises(ConfigError, match=r"Smin \(64\) must be <= Smax \(48\)"):
+        load_config(p)
+    p = write(tmp_path, "augment:\n  crop: 40\n")
+    with pytest.raises(ConfigError, match="augment.crop: must be a multiple of 32"):
+        load_config(p)
+    with pytest.raises(ConfigError, match=r"augment\.device: must be one of \['auto', 'cpu', 'gpu'\]"):
+        load_config(DEMO, ["augment.device=tpu"])
