@@ -1,0 +1,320 @@
+"""Softmax posteriors of one evaluation, their top-k error, and their fusion.
+
+Pure library code (no MLflow, no Ray); the `evaluate` and `fuse` stages use it.
+
+Every evaluation in the paper ends in softmax posteriors that are *averaged*
+(Sec. 3.2): over an image and its flip, over crops, over test scales Q, over
+dense and multi-crop, and over nets (fusion, Sec. 4.4). `Posteriors` holds one
+such result per image; `average` is the single averaging operation behind all
+of them; `topk_error` scores it (Sec. 4: top-1 and top-5 error).
+
+File format (`write_posteriors` / `read_posteriors`): one Parquet file, one row
+per image, columns
+
+    key     string                       image key (unique)
+    label   int32                        true class index
+    probs   fixed_size_list<float32>[K]  softmax posteriors, in class order
+
+and the class names (label order) as JSON in the schema metadata under
+b"classes". Reading also accepts `probs` as list<float32> / large_list<float32>
+with exactly K values per row. Read and write go through Arrow buffers, without
+per-row Python loops (ImageNet val: N = 50,000, K = 1000 is ~200 MB of float32).
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+ROW_SUM_TOL = 1e-3  # rows of `probs` must sum to 1 within this
+FORMAT = "vgg-posteriors/1"  # schema metadata b"format"
+_N_EXAMPLES = 3  # examples named in an error message
+_CHUNK = 4096  # rows per block in topk_error (bounds the (rows, K) temporaries)
+
+
+class FusionError(ValueError):
+    """Posteriors that cannot be averaged: different images, labels or classes."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("cannot average posteriors:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def _examples(items: Sequence) -> str:
+    shown = ", ".join(repr(x) for x in items[:_N_EXAMPLES])
+    return f"e.g. {shown}" + (", ..." if len(items) > _N_EXAMPLES else "")
+
+
+# ------------------------------------------------------------------ container
+@dataclass(frozen=True, eq=False)
+class Posteriors:
+    """Softmax posteriors of N images over K classes.
+
+    keys: N unique image keys (list of str); labels: (N,) int64 true classes;
+    probs: (N, K) float32, rows sum to 1; classes: K class names in label order.
+    Inputs are converted to these types; arrays may be read-only views (e.g.
+    after `read_posteriors`): treat a Posteriors as immutable.
+    """
+
+    keys: list[str]
+    labels: np.ndarray
+    probs: np.ndarray
+    classes: list[str]
+
+    def __post_init__(self):
+        keys, classes = list(self.keys), list(self.classes)
+        labels = np.asarray(self.labels)
+        probs = np.asarray(self.probs)
+        if probs.ndim != 2:
+            raise ValueError(f"probs must be 2-D (N, K), got shape {probs.shape}")
+        n, k = probs.shape
+        if labels.ndim != 1 or labels.shape[0] != n:
+            raise ValueError(f"labels must have shape ({n},) to match probs {probs.shape}, got {labels.shape}")
+        if len(keys) != n:
+            raise ValueError(f"{len(keys)} keys for {n} rows of probs")
+        if len(classes) != k:
+            raise ValueError(f"{len(classes)} class names for {k} columns of probs")
+        if k < 1:
+            raise ValueError("probs has no classes (K = 0)")
+        _check_strings(keys, "keys")
+        _check_strings(classes, "classes")
+        if n and not (np.issubdtype(labels.dtype, np.integer)):
+            raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
+        labels = labels.astype(np.int64, copy=False)
+        bad = np.flatnonzero((labels < 0) | (labels >= k))
+        if bad.size:
+            i = bad[0]
+            raise ValueError(f"{bad.size} labels outside [0, {k}): key {keys[i]!r} has label {labels[i]}")
+        probs = np.ascontiguousarray(probs, dtype=np.float32)
+        _check_rows(probs, keys)
+        object.__setattr__(self, "keys", keys)
+        object.__setattr__(self, "classes", classes)
+        object.__setattr__(self, "labels", labels)
+        object.__setattr__(self, "probs", probs)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @property
+    def num_classes(self) -> int:
+        return self.probs.shape[1]
+
+    def select(self, keys: Sequence[str]) -> Posteriors:
+        """The rows of `keys`, in that order (KeyError for an unknown key)."""
+        pos = {k: i for i, k in enumerate(self.keys)}
+        idx = np.fromiter((pos[k] for k in keys), dtype=np.int64, count=len(keys))
+        return Posteriors(list(keys), self.labels[idx], self.probs[idx], self.classes)
+
+
+def _check_strings(items: list, what: str) -> None:
+    wrong = [x for x in items if not isinstance(x, str)]
+    if wrong:
+        raise ValueError(f"{what} must be strings, got {type(wrong[0]).__name__} {wrong[0]!r}")
+    if len(set(items)) != len(items):
+        seen, dups = set(), []
+        for x in items:
+            if x in seen and x not in dups:
+                dups.append(x)
+            seen.add(x)
+        raise ValueError(f"{what} must be unique: {len(dups)} repeated ({_examples(dups)})")
+
+
+def _check_rows(probs: np.ndarray, keys: list[str]) -> None:
+    """Every row finite, non-negative, summing to 1 within ROW_SUM_TOL."""
+    bad = np.flatnonzero(~np.isfinite(probs).all(axis=1) | (probs < 0).any(axis=1))
+    if bad.size:
+        raise ValueError(f"{bad.size} rows of probs have negative or non-finite values "
+                         f"(first: key {keys[bad[0]]!r}); pass softmax posteriors, not logits")
+    sums = probs.sum(axis=1, dtype=np.float64)
+    bad = np.flatnonzero(np.abs(sums - 1.0) > ROW_SUM_TOL)
+    if bad.size:
+        i = bad[0]
+        raise ValueError(f"{bad.size} rows of probs do not sum to 1 (+-{ROW_SUM_TOL}): "
+                         f"key {keys[i]!r} sums to {sums[i]:.6f}; pass softmax posteriors, not logits")
+
+
+def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Numerically stable softmax along `axis` (max subtracted; computed in float64), as float32."""
+    x = np.array(logits, dtype=np.float64)  # a copy, then in place: no more (N, K) temporaries
+    x -= x.max(axis=axis, keepdims=True)
+    np.exp(x, out=x)
+    x /= x.sum(axis=axis, keepdims=True)
+    return x.astype(np.float32)
+
+
+# ------------------------------------------------------------------ Parquet I/O
+def _to_table(post: Posteriors) -> pa.Table:
+    k = post.num_classes
+    probs = pa.FixedSizeListArray.from_arrays(pa.array(post.probs.ravel(), type=pa.float32()), k)
+    meta = {b"classes": json.dumps(post.classes).encode(), b"format": FORMAT.encode()}
+    schema = pa.schema([("key", pa.string()), ("label", pa.int32()),
+                        ("probs", pa.list_(pa.float32(), k))], metadata=meta)
+    return pa.Table.from_arrays(
+        [pa.array(post.keys, type=pa.string()), pa.array(post.labels.astype(np.int32)), probs],
+        schema=schema)
+
+
+def write_posteriors(post: Posteriors, fs: pafs.FileSystem, path: str) -> None:
+    """Write `post` as one Parquet file at `path` on `fs` (format: module docstring)."""
+    parent = posixpath.dirname(path)
+    if parent:
+        fs.create_dir(parent, recursive=True)
+    pq.write_table(_to_table(post), path, filesystem=fs)
+
+
+def read_posteriors(fs: pafs.FileSystem, path: str) -> Posteriors:
+    """Read a file written by `write_posteriors` (validated like any Posteriors)."""
+    table = pq.read_table(path, filesystem=fs)
+    missing = {"key", "label", "probs"} - set(table.column_names)
+    if missing:
+        raise ValueError(f"{path}: not a posteriors file, missing columns {sorted(missing)}")
+    meta = table.schema.metadata or {}
+    if b"classes" not in meta:
+        raise ValueError(f"{path}: no b'classes' in the Parquet schema metadata")
+    classes = json.loads(meta[b"classes"])
+    probs = _probs_matrix(table.column("probs").combine_chunks(), len(table), len(classes), path)
+    labels = table.column("label").to_numpy().astype(np.int64)
+    return Posteriors(table.column("key").to_pylist(), labels, probs, classes)
+
+
+def _probs_matrix(col: pa.Array, n: int, k: int, path: str) -> np.ndarray:
+    """(n, k) float32 view of a list / fixed-size-list column with k values per row."""
+    if col.null_count:
+        raise ValueError(f"{path}: {col.null_count} rows have null probs")
+    if not pa.types.is_fixed_size_list(col.type):
+        lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
+        if n and (lengths != k).any():
+            i = int(np.flatnonzero(lengths != k)[0])
+            raise ValueError(f"{path}: row {i} has {lengths[i]} probs for {k} classes")
+    elif col.type.list_size != k:
+        raise ValueError(f"{path}: probs has {col.type.list_size} values per row for {k} classes")
+    values = col.flatten()  # respects slicing/offsets, unlike .values
+    if values.null_count:
+        raise ValueError(f"{path}: probs contain {values.null_count} null values")
+    return values.cast(pa.float32()).to_numpy().reshape(n, k)
+
+
+# ------------------------------------------------------------------ errors
+def topk_error(probs: np.ndarray, labels: np.ndarray, k: int) -> float:
+    """Fraction of images whose true class is not among the k highest scores.
+
+    Ties never help: the true class counts as within the top k only if fewer
+    than k *other* classes score >= it (i.e. ties are broken against the true
+    class). So a constant row is an error for every k < K.
+    """
+    probs, labels = np.asarray(probs), np.asarray(labels)
+    if probs.ndim != 2 or labels.shape != (probs.shape[0],):
+        raise ValueError(f"need probs (N, K) and labels (N,), got {probs.shape} and {labels.shape}")
+    n, num_classes = probs.shape
+    if not 1 <= k <= num_classes:
+        raise ValueError(f"k = {k} is outside [1, K = {num_classes}]")
+    if n == 0:
+        raise ValueError("no images: the error of an empty set is undefined")
+    wrong = 0
+    for s in range(0, n, _CHUNK):  # blocks bound the (rows, K) boolean temporaries
+        p, y = probs[s:s + _CHUNK], labels[s:s + _CHUNK]
+        true = p[np.arange(len(y)), y]
+        rivals = (p >= true[:, None]).sum(axis=1) - 1  # other classes scoring >= the true one
+        wrong += int((rivals >= k).sum())
+    return wrong / n
+
+
+def errors(post: Posteriors, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
+    """{"top1": ..., "top5": ...} as fractions; a k > K is left out (top5 needs K >= 5)."""
+    return {f"top{k}": topk_error(post.probs, post.labels, k) for k in ks if k <= post.num_classes}
+
+
+# ------------------------------------------------------------------ averaging
+def average(posts: Sequence[Posteriors], weights: Sequence[float] | None = None,
+            names: Sequence[str] | None = None) -> Posteriors:
+    """Weighted mean of softmax posteriors: multi-crop, multi-scale, dense+crop, fusion.
+
+    Members must cover the same images with the same labels and the same class
+    list; rows are aligned by key to the first member's order (a member in a
+    different order is reordered). Otherwise a FusionError lists every problem,
+    naming the member (`names`, default "#0", "#1", ...). Weights default to equal.
+    """
+    if not posts:
+        raise ValueError("average() needs at least one Posteriors")
+    names = [f"#{i}" for i in range(len(posts))] if names is None else [str(x) for x in names]
+    if len(names) != len(posts) or len(set(names)) != len(names):
+        raise ValueError(f"need {len(posts)} unique names, got {names}")
+    w = np.ones(len(posts)) if weights is None else np.asarray(weights, dtype=np.float64)
+    if w.shape != (len(posts),) or not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"weights must be {len(posts)} finite values >= 0 with a positive sum, got {weights}")
+    ref = posts[0]
+    problems, rows = [], []
+    for post, name in zip(posts[1:], names[1:]):
+        idx, found = _align(ref, post, names[0], name)
+        problems += found
+        rows.append(idx)
+    if problems:
+        raise FusionError(problems)
+    # float64 accumulation, divided by the total weight last: equal members come back exactly
+    acc = ref.probs.astype(np.float64) * w[0]
+    for post, idx, wi in zip(posts[1:], rows, w[1:]):
+        acc += (post.probs if idx is None else post.probs[idx]) * wi
+    return Posteriors(ref.keys, ref.labels, (acc / w.sum()).astype(np.float32), ref.classes)
+
+
+def _align(ref: Posteriors, post: Posteriors, ref_name: str, name: str) -> tuple[np.ndarray | None, list[str]]:
+    """Row index putting `post` in `ref`'s key order (None: already aligned), and the problems found."""
+    problems = _class_problems(ref.classes, post.classes, ref_name, name)
+    if post.keys == ref.keys:  # the usual case: no dict, no reindexing
+        rows = np.arange(len(ref))
+        problems += _label_problems(ref, post, rows, rows, ref_name, name)
+        return None, problems
+    pos = {k: i for i, k in enumerate(post.keys)}
+    missing = [k for k in ref.keys if k not in pos]
+    if missing:
+        problems.append(f"member {name!r}: {len(missing)} of the {len(ref)} keys of {ref_name!r} "
+                        f"are missing ({_examples(missing)})")
+    ref_set = set(ref.keys)
+    extra = [k for k in post.keys if k not in ref_set]
+    if extra:
+        problems.append(f"member {name!r}: {len(extra)} keys not in {ref_name!r} ({_examples(extra)})")
+    common = [(i, pos[k]) for i, k in enumerate(ref.keys) if k in pos]
+    ref_rows, idx = (np.array([c[j] for c in common], dtype=np.int64) for j in (0, 1))
+    problems += _label_problems(ref, post, ref_rows, idx, ref_name, name)
+    return idx, problems
+
+
+def _label_problems(ref: Posteriors, post: Posteriors, ref_rows: np.ndarray, rows: np.ndarray,
+                    ref_name: str, name: str) -> list[str]:
+    """Keys (rows `ref_rows` of `ref` = rows `rows` of `post`) whose label differs."""
+    a, b = ref.labels[ref_rows], post.labels[rows]
+    diff = np.flatnonzero(a != b)
+    if not diff.size:
+        return []
+    shown = ", ".join(f"key {ref.keys[ref_rows[i]]!r}: {a[i]} in {ref_name!r}, {b[i]} in {name!r}"
+                      for i in diff[:_N_EXAMPLES])
+    more = ", ..." if diff.size > _N_EXAMPLES else ""
+    return [f"member {name!r}: labels differ from {ref_name!r} for {diff.size} keys ({shown}{more})"]
+
+
+def _class_problems(ref: list[str], other: list[str], ref_name: str, name: str) -> list[str]:
+    if ref == other:
+        return []
+    head = f"member {name!r}: class list differs from {ref_name!r}"
+    if len(ref) != len(other):
+        ref_set, other_set = set(ref), set(other)
+        only_ref = [c for c in ref if c not in other_set]
+        only_other = [c for c in other if c not in ref_set]
+        detail = f"{len(other)} classes vs {len(ref)}"
+        if only_ref:
+            detail += f"; {len(only_ref)} only in {ref_name!r} ({_examples(only_ref)})"
+        if only_other:
+            detail += f"; {len(only_other)} only in {name!r} ({_examples(only_other)})"
+        return [f"{head}: {detail}"]
+    i = next(j for j, (x, y) in enumerate(zip(ref, other)) if x != y)
+    kind = "same classes in a different order" if set(ref) == set(other) else "different classes"
+    return [f"{head}: {kind}, first difference at index {i}: {ref[i]!r} in {ref_name!r}, "
+            f"{other[i]!r} in {name!r}"]
