@@ -108,6 +108,100 @@ class AugmentConfig:
 
 
 @dataclass
+class NetPlan:
+    """One entry of the training plan (paper section 3.1, "training image size")."""
+
+    #: A, A-LRN, B, C, D or E (Table 1).
+    arch: str = "???"
+    #: Training scale: a fixed S (shorter side) or [Smin, Smax] (scale jittering).
+    scale: int | list[int] = 256
+    #: Initial learning rate (paper: 1e-2; 1e-3 when fine-tuning from a smaller S).
+    lr: float = 0.01
+    #: "random" | "glorot" | {from_A: train/<net>} (the paper's partial init: first four
+    #: convs and the three FC layers from A) | {full: train/<net>} (fine-tuning).
+    init: str | dict[str, str] = "random"
+    #: Epoch budget of this net (None: train.max_epochs).
+    epochs: int | None = None
+    #: Import released weights instead of training: a path or URI of a torchvision
+    #: VGG state_dict (e.g. vgg16 for arch D). No training epochs run.
+    weights: str | None = None
+
+    @property
+    def init_source(self) -> str | None:
+        """The train stage this net is initialised from, if any."""
+        return next(iter(self.init.values())) if isinstance(self.init, dict) else None
+
+
+@dataclass
+class TrainConfig:
+    """The training recipe (paper section 3.1) and how it runs on Ray Train."""
+
+    #: Global mini-batch (the paper: 256), split across the workers.
+    batch_size: int = 256
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    dropout: float = 0.5
+    #: Multiplier on every conv/FC width (1.0 = the paper; small values for CPU runs).
+    width: float = 1.0
+    #: Random init std (the paper's text says "10^-2 variance", i.e. std 0.1; the
+    #: released Caffe models and torchvision use std 0.01, the default here).
+    init_std: float = 0.01
+    batch_norm: bool = False
+    #: Epoch budget (the paper stopped after 74 epochs).
+    max_epochs: int = 74
+    #: The lr is multiplied by lr_factor when the validation accuracy has not
+    #: improved by more than lr_threshold for lr_patience epochs, at most max_lr_drops times.
+    lr_factor: float = 0.1
+    lr_patience: int = 2
+    lr_threshold: float = 1e-3
+    max_lr_drops: int = 3
+    #: Ray Train: workers, GPUs, CPUs per worker (leave CPUs for DALI), restarts.
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    max_failures: int = 2
+    #: Checkpoints kept (the best one is always kept too).
+    keep_checkpoints: int = 2
+    #: bf16 autocast and channels_last (GPU speed; both work on CPU too).
+    bf16: bool = False
+    channels_last: bool = False
+    seed: int = 0
+    #: Log a progress line every this many steps.
+    log_every: int = 50
+    #: The plan: net name -> NetPlan. Stage ids are train/<name>.
+    nets: dict[str, NetPlan] = field(default_factory=dict)
+
+
+@dataclass
+class EvaluateConfig:
+    """Testing (paper section 3.2): dense, multi-crop, both; single and multi-scale."""
+
+    #: Multi-crop grid g x g (the paper: 5) and flips (x2).
+    grid: int = 5
+    flips: bool = True
+    #: Test scales. None: the paper's rule — single Q = S (mid-range for jittered);
+    #: multi {S-32, S, S+32} for fixed S, {Smin, (Smin+Smax)/2, Smax} for jittered.
+    q_single: int | None = None
+    q_multi: list[int] | None = None
+    #: Images per batch (dense batches group images of equal size).
+    batch_size: int = 32
+    #: Evaluate in this many Ray tasks (one per GPU when there are GPUs).
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    #: Only these nets (None: every net of train.nets).
+    nets: list[str] | None = None
+
+
+@dataclass
+class FuseConfig:
+    """Softmax fusion (paper section 4.4): members are "net:mode" strings, where mode is
+    method@scales with method dense | multi-crop | multi-crop+dense and scales single | multi."""
+
+    members: list[str] = field(default_factory=list)
+
+
+@dataclass
 class PipelineConfig:
     #: Where every output lives: a local path or a filesystem URI (s3://...).
     work_dir: str = "./runs"
@@ -118,6 +212,9 @@ class PipelineConfig:
     data: DataConfig = field(default_factory=DataConfig)
     shard: ShardConfig = field(default_factory=ShardConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    fuse: FuseConfig = field(default_factory=FuseConfig)
 
 
 # ---------------------------------------------------------------- checks
@@ -153,8 +250,78 @@ def validate(cfg: PipelineConfig) -> None:
     _check(a.check_batch_size >= 1, "augment.check_batch_size", "must be >= 1")
     if a.check_scale is not None:
         _check_scale(a.check_scale, a.crop, "augment.check_scale")
+    _validate_train(cfg)
+    _validate_evaluate(cfg)
     if cfg.ray.num_cpus is not None:
         _check(cfg.ray.num_cpus >= 1, "ray.num_cpus", "must be >= 1")
+
+
+ARCHS = ("A", "A-LRN", "B", "C", "D", "E")
+METHODS = ("dense", "multi-crop", "multi-crop+dense")
+
+
+def _validate_train(cfg: PipelineConfig) -> None:
+    t = cfg.train
+    for key, v in (("batch_size", t.batch_size), ("max_epochs", t.max_epochs), ("num_workers", t.num_workers)):
+        _check(v >= 1, f"train.{key}", f"must be >= 1, got {v}")
+    _check(t.batch_size >= t.num_workers, "train.batch_size", f"must be >= train.num_workers ({t.num_workers})")
+    _check(0 < t.width <= 4, "train.width", f"must be in (0, 4], got {t.width}")
+    _check(0 <= t.dropout < 1, "train.dropout", "must be in [0, 1)")
+    _check(0 < t.lr_factor < 1, "train.lr_factor", "must be in (0, 1)")
+    _check(t.max_lr_drops >= 0 and t.lr_patience >= 1, "train.lr_patience", "must be >= 1 (and max_lr_drops >= 0)")
+    _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
+    _check(t.max_failures >= 0, "train.max_failures", "must be >= 0")
+    for name, net in t.nets.items():
+        key = f"train.nets.{name}"
+        _check(bool(name) and "/" not in name and ":" not in name and "@" not in name, key, "net names may not contain / : @")
+        _check(net.arch in ARCHS, f"{key}.arch", f"must be one of {list(ARCHS)}, got {net.arch!r}")
+        _check_scale(net.scale, cfg.augment.crop, f"{key}.scale")
+        _check(net.lr > 0, f"{key}.lr", "must be > 0")
+        if net.epochs is not None:
+            _check(net.epochs >= 0, f"{key}.epochs", "must be >= 0")
+        if isinstance(net.init, str):
+            _check(net.init in ("random", "glorot"), f"{key}.init", f"must be random, glorot, {{from_A: train/<net>}} or {{full: train/<net>}}, got {net.init!r}")
+        else:
+            _check(len(net.init) == 1 and next(iter(net.init)) in ("from_A", "full"), f"{key}.init", f"must be {{from_A: train/<net>}} or {{full: train/<net>}}, got {net.init}")
+            src = net.init_source
+            _check(src.startswith("train/") and src[6:] in t.nets, f"{key}.init", f"{src!r} is not a train stage of this plan (train/<net> with <net> in train.nets)")
+            _check(src[6:] != name, f"{key}.init", "a net cannot be initialised from itself")
+            other = t.nets[src[6:]]
+            if "full" in net.init:
+                _check(other.arch == net.arch, f"{key}.init", f"full init needs the same architecture: {src} is {other.arch}, this net is {net.arch}")
+            else:
+                _check(other.arch == "A", f"{key}.init", f"from_A needs an A net as the source, {src} is {other.arch}")
+        if net.weights is not None:
+            _check(net.init == "random", f"{key}.weights", "imported weights exclude init")
+    _check_acyclic(t.nets)
+
+
+def _check_acyclic(nets: dict[str, NetPlan]) -> None:
+    for name in nets:
+        seen, cur = {name}, nets[name].init_source
+        while cur is not None:
+            cur = cur[6:]
+            _check(cur not in seen, f"train.nets.{name}.init", "the init chain has a cycle")
+            seen.add(cur)
+            cur = nets[cur].init_source
+
+
+def _validate_evaluate(cfg: PipelineConfig) -> None:
+    e = cfg.evaluate
+    crop = cfg.augment.crop
+    _check(e.grid >= 1, "evaluate.grid", "must be >= 1")
+    _check(e.batch_size >= 1 and e.num_workers >= 1, "evaluate.batch_size", "batch_size and num_workers must be >= 1")
+    if e.q_single is not None:
+        _check(e.q_single >= crop, "evaluate.q_single", f"must be >= augment.crop ({crop})")
+    if e.q_multi is not None:
+        _check(len(e.q_multi) >= 1 and min(e.q_multi) >= crop, "evaluate.q_multi", f"must be non-empty, every Q >= augment.crop ({crop})")
+    for n in e.nets or []:
+        _check(n in cfg.train.nets, "evaluate.nets", f"{n!r} is not in train.nets ({', '.join(cfg.train.nets)})")
+    for m in cfg.fuse.members:
+        net, _, mode = m.partition(":")
+        method, _, scales = mode.partition("@")
+        _check(net in cfg.train.nets, "fuse.members", f"{m!r}: net {net!r} is not in train.nets")
+        _check(method in METHODS and scales in ("single", "multi"), "fuse.members", f"{m!r}: expected net:method@scales, method one of {list(METHODS)}, scales single|multi")
 
 
 def _check_scale(scale: int | list[int], crop: int, key: str) -> tuple[int, int]:
