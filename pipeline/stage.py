@@ -29,10 +29,18 @@ class TrackingInfo:
 class StageContext:
     stage_id: str
     kind: str
+    #: The stage's typed config (exactly what its cache key hashes).
     section: dict[str, Any]
+    #: Completed outputs of the upstream stages, by stage id.
     inputs: dict[str, StageOutput]
+    #: The (temporary) output directory; published atomically when run() returns.
     out: StageOutput
     tracking: TrackingInfo
+    #: The stage's cache key.
+    key: str = ""
+    #: A directory that survives an interrupted run of the same key (e.g. Ray
+    #: Train checkpoints for resuming); <work_dir>/stages/<id>/_scratch/<key>.
+    scratch: StageOutput | None = None
 
     def log(self, msg: str) -> None:
         """One progress line, prefixed with the stage id."""

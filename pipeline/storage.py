@@ -137,6 +137,11 @@ class Store:
         self.fs.create_dir(path, recursive=True)
         return StageOutput(stage_id, key, self.fs, path, self.uri(path))
 
+    def scratch(self, stage_id: str, key: str) -> StageOutput:
+        """A per-(stage, key) directory that outlives interrupted runs (for resuming; created on use)."""
+        path = posixpath.join(self.stage_root(stage_id), "_scratch", key)
+        return StageOutput(stage_id, key, self.fs, path, self.uri(path))
+
     def discard(self, tmp: StageOutput) -> None:
         """Remove a temporary output (after a failure)."""
         if exists(self.fs, tmp.path):
