@@ -314,11 +314,14 @@ def _validate_evaluate(cfg: PipelineConfig) -> None:
     if e.q_single is not None:
         _check(e.q_single >= crop, "evaluate.q_single", f"must be >= augment.crop ({crop})")
     if e.q_multi is not None:
-        _check(len(e.q_multi) >= 1 and min(e.q_multi) >= crop, "evaluate.q_multi", f"must be non-empty, every Q >= augment.crop ({crop})")
+        _check(len(set(e.q_multi)) >= 2 and min(e.q_multi) >= crop, "evaluate.q_multi", f"needs at least 2 distinct Q, every Q >= augment.crop ({crop}), got {e.q_multi}")
     for n in e.nets or []:
         _check(n in cfg.train.nets, "evaluate.nets", f"{n!r} is not in train.nets ({', '.join(cfg.train.nets)})")
+    evaluated = e.nets if e.nets is not None else list(cfg.train.nets)
+    _check(len(set(cfg.fuse.members)) == len(cfg.fuse.members), "fuse.members", f"repeated members in {cfg.fuse.members}")
     for m in cfg.fuse.members:
         net, _, mode = m.partition(":")
+        _check(net in evaluated, "fuse.members", f"{m!r}: net {net!r} is not evaluated (evaluate.nets = {evaluated})")
         method, _, scales = mode.partition("@")
         _check(net in cfg.train.nets, "fuse.members", f"{m!r}: net {net!r} is not in train.nets")
         _check(method in METHODS and scales in ("single", "multi"), "fuse.members", f"{m!r}: expected net:method@scales, method one of {list(METHODS)}, scales single|multi")

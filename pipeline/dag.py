@@ -9,6 +9,7 @@ exactly those sections, its upstream stages' keys and the package version.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import json
@@ -20,6 +21,8 @@ from typing import Any, Callable
 from pipeline.config import PipelineConfig, to_dict
 
 PACKAGE = "vgg-pipeline"
+#: Builds the paper's tables from evaluate/fuse outputs at the end of a run.
+REPORT = "stages.report:build_report"
 
 
 @dataclass(frozen=True)
@@ -69,10 +72,76 @@ def build_dag(cfg: PipelineConfig) -> dict[str, StageSpec]:
             section={"data": cfg.data, "shard": cfg.shard},
             entry="stages.shard:run",
         ),
+        StageSpec(
+            id="augment",
+            kind="augment",
+            upstream=("shard",),
+            section={"augment": cfg.augment},
+            entry="stages.augment:run_stage",
+        ),
     ]
+    # Training plan: train/<net> depends on the data, the augmentation spec and,
+    # through `init`, on the net it starts from (paper section 3.1).
+    common = dataclasses.replace(cfg.train, nets={})
+    for name, net in cfg.train.nets.items():
+        ups = ("shard", "augment") + ((net.init_source,) if net.init_source else ())
+        stages.append(
+            StageSpec(
+                id=f"train/{name}",
+                kind="train",
+                upstream=ups,
+                section={"train": common, "net": net, "name": name},
+                entry="stages.train:run",
+            )
+        )
+    evaluated = cfg.evaluate.nets if cfg.evaluate.nets is not None else list(cfg.train.nets)
+    for name in evaluated:
+        stages.append(
+            StageSpec(
+                id=f"evaluate/{name}",
+                kind="evaluate",
+                upstream=("shard", "augment", f"train/{name}"),
+                section={"evaluate": dataclasses.replace(cfg.evaluate, nets=None), "net": cfg.train.nets[name], "name": name},
+                entry="stages.evaluate:run",
+            )
+        )
+    if cfg.fuse.members:
+        members = sorted({m.split(":", 1)[0] for m in cfg.fuse.members})
+        stages.append(
+            StageSpec(
+                id="fuse",
+                kind="fuse",
+                upstream=tuple(f"evaluate/{n}" for n in members),
+                section={"fuse": cfg.fuse},
+                entry="stages.fuse:run",
+                needs_ray=False,
+            )
+        )
+    stages = _topological(stages)
     dag = {s.id: s for s in stages}
     _check_order(dag)
     return dag
+
+
+def _topological(stages: list[StageSpec]) -> list[StageSpec]:
+    """Order stages so that each comes after its upstream stages (stable otherwise)."""
+    by_id = {s.id: s for s in stages}
+    done: dict[str, StageSpec] = {}
+
+    def visit(s: StageSpec, path: tuple[str, ...]) -> None:
+        if s.id in done:
+            return
+        if s.id in path:
+            raise ValueError(f"the DAG has a cycle: {' -> '.join(path + (s.id,))}")
+        for up in s.upstream:
+            if up not in by_id:
+                raise ValueError(f"stage {s.id} depends on unknown stage {up}")
+            visit(by_id[up], path + (s.id,))
+        done[s.id] = s
+
+    for s in stages:
+        visit(s, ())
+    return list(done.values())
 
 
 def _check_order(dag: dict[str, StageSpec]) -> None:

@@ -7,8 +7,10 @@ MLflow and publishes the output atomically.
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -17,7 +19,7 @@ import mlflow
 
 from pipeline import tracking
 from pipeline.config import PipelineConfig, to_dict
-from pipeline.dag import StageSpec, build_dag, cache_key, package_version, upstream_closure
+from pipeline.dag import REPORT, StageSpec, build_dag, cache_key, package_version, upstream_closure
 from pipeline.stage import StageContext, StageResult, TrackingInfo
 from pipeline.storage import StageOutput, Store, write_json
 
@@ -145,6 +147,7 @@ def run_pipeline(
                     _say(f"{prefix} done in {rec.seconds:.1f} s -> {rec.output_uri}")
                 inputs[sid] = store.output(sid, key)
                 run.records.append(rec)
+            _log_report(inputs)
         finally:
             _log_parent_end(run)
             if ray_started:
@@ -179,6 +182,25 @@ def _log_parent_end(run: PipelineRun) -> None:
             "stages_reused": sum(r.status == "reused" for r in run.records),
         }
     )
+
+
+def _log_report(outputs: dict[str, StageOutput]) -> None:
+    """The paper's tables (our analogues) from the evaluate/fuse outputs at hand, into the
+    parent run (tables, Markdown, plot) and on the console."""
+    results = {k: v for k, v in outputs.items() if k == "fuse" or k.startswith("evaluate/")}
+    if not results:
+        return
+    module, fn = REPORT.split(":")
+    build_report = getattr(importlib.import_module(module), fn)
+    with tempfile.TemporaryDirectory() as tmp:
+        png = os.path.join(tmp, "error_vs_depth.png")
+        report = build_report(results, png)
+        for name, table in report.tables.items():
+            mlflow.log_table(table, artifact_file=f"tables/{name}")
+        mlflow.log_text(report.markdown, "tables/results.md")
+        if os.path.exists(png):
+            mlflow.log_artifact(png, "tables")
+    print("\n" + report.markdown, flush=True)
 
 
 def _reuse(store: Store, spec: StageSpec, key: str) -> StageRecord:
