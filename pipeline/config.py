@@ -160,7 +160,7 @@ class TrainConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     max_failures: int = 2
-    #: Checkpoints kept (the best one is always kept too).
+    #: Checkpoints kept: the best N by validation top-1 accuracy, plus the latest.
     keep_checkpoints: int = 2
     #: bf16 autocast and channels_last (GPU speed; both work on CPU too).
     bf16: bool = False
@@ -264,7 +264,7 @@ def _validate_train(cfg: PipelineConfig) -> None:
     t = cfg.train
     for key, v in (("batch_size", t.batch_size), ("max_epochs", t.max_epochs), ("num_workers", t.num_workers)):
         _check(v >= 1, f"train.{key}", f"must be >= 1, got {v}")
-    _check(t.batch_size >= t.num_workers, "train.batch_size", f"must be >= train.num_workers ({t.num_workers})")
+    _check(t.batch_size % t.num_workers == 0, "train.batch_size", f"must be a multiple of train.num_workers ({t.num_workers}): the global batch is split evenly, got {t.batch_size}")
     _check(0 < t.width <= 4, "train.width", f"must be in (0, 4], got {t.width}")
     _check(0 <= t.dropout < 1, "train.dropout", "must be in [0, 1)")
     _check(0 < t.lr_factor < 1, "train.lr_factor", "must be in (0, 1)")

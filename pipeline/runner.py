@@ -124,10 +124,27 @@ def run_pipeline(
     selected = select(dag, stage_ids)
     store = Store(cfg.work_dir)
     keys = plan_keys(dag, store, selected)
-    uri, exp_id = tracking.setup_experiment(cfg)
+    uri = tracking.tracking_uri(cfg)
+    with tracking.using_tracking_uri(uri):
+        return _run(cfg, dag, selected, keys, store, uri, force, config_path, bool(stage_ids))
+
+
+def _run(
+    cfg: PipelineConfig,
+    dag: dict[str, StageSpec],
+    selected: list[str],
+    keys: dict[str, str],
+    store: Store,
+    uri: str,
+    force: bool,
+    config_path: str,
+    partial: bool,
+) -> PipelineRun:
+    """The parent MLflow run: each selected stage reused or executed, then the report."""
+    exp_id = tracking.setup_experiment(cfg, uri)
     inputs = {sid: store.output(sid, keys[sid]) for sid in keys if sid not in selected}
     ray_started = False
-    name = "pipeline" if not stage_ids else "stage " + " ".join(selected)
+    name = "stage " + " ".join(selected) if partial else "pipeline"
     with mlflow.start_run(experiment_id=exp_id, run_name=name) as parent:
         run = PipelineRun(parent.info.run_id, exp_id, uri)
         _log_parent_start(cfg, config_path, selected, force, store)
@@ -143,6 +160,8 @@ def run_pipeline(
                     if spec.needs_ray and not ray_started:
                         ray_started = connect_ray(cfg)
                     _say(f"{prefix} running (cache key {key})")
+                    if force:  # a forced re-run starts over: no resuming from old checkpoints
+                        store.clear_scratch(sid, key)
                     rec = _execute(store, spec, key, inputs, TrackingInfo(uri, exp_id, ""), cfg)
                     _say(f"{prefix} done in {rec.seconds:.1f} s -> {rec.output_uri}")
                 inputs[sid] = store.output(sid, key)

@@ -142,6 +142,12 @@ class Store:
         path = posixpath.join(self.stage_root(stage_id), "_scratch", key)
         return StageOutput(stage_id, key, self.fs, path, self.uri(path))
 
+    def clear_scratch(self, stage_id: str, key: str) -> None:
+        """Delete a stage's scratch directory (e.g. its checkpoints, so that it starts over)."""
+        scratch = self.scratch(stage_id, key)
+        if exists(self.fs, scratch.path):
+            self.fs.delete_dir(scratch.path)
+
     def discard(self, tmp: StageOutput) -> None:
         """Remove a temporary output (after a failure)."""
         if exists(self.fs, tmp.path):

@@ -12,7 +12,8 @@ import json
 import os
 import posixpath
 import tempfile
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import mlflow
 from mlflow.tracking import MlflowClient
@@ -50,10 +51,23 @@ def artifact_location(cfg: PipelineConfig, uri: str) -> str | None:
     return cfg.work_dir.rstrip("/") + "/mlartifacts"
 
 
-def setup_experiment(cfg: PipelineConfig) -> tuple[str, str]:
-    """Create (if needed) the store and the experiment, in this process. -> (uri, experiment_id)."""
-    uri = tracking_uri(cfg)
+@contextmanager
+def using_tracking_uri(uri: str) -> Iterator[None]:
+    """Point the fluent MLflow API at `uri` for a while. `mlflow.set_tracking_uri` also sets
+    the MLFLOW_TRACKING_URI environment variable (for subprocesses); restore it afterwards,
+    or a later pipeline in the same process would log into this one's store."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(None)
+        if before is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = before
+
+
+def setup_experiment(cfg: PipelineConfig, uri: str) -> str:
+    """Create (if needed) the store and the experiment, in this process. -> experiment_id."""
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(cfg.experiment)
     if exp is None:
@@ -65,7 +79,7 @@ def setup_experiment(cfg: PipelineConfig) -> tuple[str, str]:
         )
     else:
         exp_id = exp.experiment_id
-    return uri, exp_id
+    return exp_id
 
 
 def params_of(section: dict[str, Any]) -> dict[str, str]:

@@ -39,7 +39,7 @@ def state_of(cfg, sid):
 def test_run_records_mlflow_then_reuses(ray_session, tiny_cfg):
     cfg = tiny_cfg()
     assert state_of(cfg, "shard") == "missing"
-    first = run_pipeline(cfg)
+    first = run_pipeline(cfg, ["shard"])
     assert first.status_of("shard") == "ran"
     assert state_of(cfg, "shard") == "done"
 
@@ -58,7 +58,7 @@ def test_run_records_mlflow_then_reuses(ray_session, tiny_cfg):
     assert run.data.tags["output_uri"] == out.uri and out.marker["mlflow_run_id"] == run.info.run_id
 
     t0 = time.monotonic()
-    second = run_pipeline(cfg)
+    second = run_pipeline(cfg, ["shard"])
     assert time.monotonic() - t0 < 30
     assert second.status_of("shard") == "reused"
     assert child_runs(cfg, second.parent_run_id) == []  # nothing re-ran...
@@ -70,10 +70,10 @@ def test_run_records_mlflow_then_reuses(ray_session, tiny_cfg):
 
 def test_config_change_misses_the_cache(ray_session, tiny_cfg):
     cfg = tiny_cfg()
-    run_pipeline(cfg)
+    run_pipeline(cfg, ["shard"])
     changed = tiny_cfg("shard.rows_per_shard=5")
     assert state_of(changed, "shard") == "stale"
-    assert run_pipeline(changed).status_of("shard") == "ran"
+    assert run_pipeline(changed, ["shard"]).status_of("shard") == "ran"
     assert state_of(changed, "shard") == "done" and state_of(cfg, "shard") == "done"
     # an unrelated key (the MLflow experiment) does not change the stage's key
     assert state_of(tiny_cfg("experiment=other"), "shard") == "done"
@@ -81,7 +81,7 @@ def test_config_change_misses_the_cache(ray_session, tiny_cfg):
 
 def test_stage_force_reruns_exactly_that_stage(ray_session, tiny_cfg, work_dir, capsys):
     cfg = tiny_cfg()
-    run_pipeline(cfg)
+    run_pipeline(cfg, ["shard"])
     before = len(all_stage_runs(cfg))
     args = ["--config", str(DEMO), "--set", f"work_dir={work_dir}", *TINY, "--stage", "shard", "--force"]
     assert main(args) == 0
@@ -91,7 +91,7 @@ def test_stage_force_reruns_exactly_that_stage(ray_session, tiny_cfg, work_dir, 
 
 
 def test_unknown_stage_is_an_error(tiny_cfg):
-    with pytest.raises(PipelineError, match="unknown stage train/Z; stages of this config: shard"):
+    with pytest.raises(PipelineError, match="unknown stage train/Z; stages of this config: shard, augment, train/A"):
         run_pipeline(tiny_cfg(), ["train/Z"])
 
 
@@ -108,20 +108,20 @@ def test_failed_stage_leaves_nothing_reusable(ray_session, tiny_cfg, monkeypatch
 
     monkeypatch.setattr(stages.shard, "shard", crash)
     with pytest.raises(RuntimeError, match="disk on fire"):
-        run_pipeline(cfg)
+        run_pipeline(cfg, ["shard"])
     store = Store(cfg.work_dir)
     assert state_of(cfg, "shard") == "missing" and store.latest("shard") is None
     assert not os.listdir(os.path.join(store.stage_root("shard"), "_tmp"))
     (failed,) = all_stage_runs(cfg)
     assert failed.info.status == "FAILED" and "disk on fire" in failed.data.tags["error"]
     monkeypatch.undo()
-    assert run_pipeline(cfg).status_of("shard") == "ran"
+    assert run_pipeline(cfg, ["shard"]).status_of("shard") == "ran"
 
 
 @pytest.mark.slow
 def test_killed_stage_is_rerun(ray_session, tiny_cfg, work_dir):
     """kill -9 in the middle of the shard stage: nothing is taken for a result; the next run redoes it."""
-    args = [sys.executable, str(ROOT / "pipeline" / "run.py"), "--config", str(DEMO), "--set", f"work_dir={work_dir}", *TINY]
+    args = [sys.executable, str(ROOT / "pipeline" / "run.py"), "--config", str(DEMO), "--set", f"work_dir={work_dir}", *TINY, "--stage", "shard"]
     proc = subprocess.Popen(args, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     tmp_root = Path(work_dir) / "stages" / "shard" / "_tmp"
     deadline = time.monotonic() + 120
@@ -133,7 +133,7 @@ def test_killed_stage_is_rerun(ray_session, tiny_cfg, work_dir):
     cfg = tiny_cfg()
     assert state_of(cfg, "shard") == "missing"
     assert list(tmp_root.iterdir())  # the debris is there, and is not taken for an output
-    assert run_pipeline(cfg).status_of("shard") == "ran"
+    assert run_pipeline(cfg, ["shard"]).status_of("shard") == "ran"
     assert not list(tmp_root.iterdir())  # the re-run swept it
 
 

@@ -89,9 +89,9 @@ def test_statistics_match_numpy(ray_session, folder, work_dir):
     np.testing.assert_allclose(np.sort(vals), np.linalg.eigvalsh(cov), atol=1e-3)
 
 
-def bad_files(root, rng):
-    """One of each kind of bad or odd input, in train/cat."""
-    d = root / "train" / "cat"
+def bad_files(root, rng, cls="cat"):
+    """One of each kind of bad or odd input, in train/<cls>."""
+    d = root / "train" / cls
     good = io.BytesIO()
     rand_image(rng, 40, 40).save(good, "JPEG")
     (d / "truncated.jpg").write_bytes(good.getvalue()[: len(good.getvalue()) // 2])

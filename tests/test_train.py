@@ -1,0 +1,352 @@
+"""train/<net> stages on tiny data (CPU, 2 Ray Train workers): learning, init from A,
+the plateau schedule, worker and driver failures with exact resumption, two nodes,
+and the import of torchvision weights."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pyarrow.fs as pafs
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from pipeline.config import DemoDataConfig, NetPlan, ShardConfig, TrainConfig
+from pipeline.stage import StageContext, TrackingInfo
+from pipeline.storage import Store, write_json
+from stages import demo_data
+from stages import train as T
+from stages.augment import AugmentSpec
+from stages.shard import shard
+from tests.conftest import ROOT
+
+# 51 training images: shares of 25 and 26 at 5 images per worker -> 5 and 6 batches,
+# so rank 0 pads its epoch with one empty step; 15 validation images -> 7 and 8.
+CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS = 3, 17, 5
+CROP, SCALE = 32, 36
+
+
+# ---------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module", autouse=True)
+def fast_ray_train():
+    """Ray Train polls its workers every 2 s by default; faster polling shortens every
+    run's start, end and failure detection (propagated from the driver to the workers)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+        yield
+
+
+@pytest.fixture(scope="module")
+def data(ray_session, tmp_path_factory):
+    """Shard and augment outputs of a tiny demo set, and an MLflow store."""
+    tmp = tmp_path_factory.mktemp("train")
+    demo = DemoDataConfig(num_classes=CLASSES, train_per_class=TRAIN_PER_CLASS,
+                          val_per_class=VAL_PER_CLASS, min_side=36, max_side=60, seed=1)
+    demo_data.generate(pafs.LocalFileSystem(), str(tmp / "images"), demo)
+    store = Store(str(tmp / "work"))
+    shard_out = store.begin("shard", "k")
+    manifest = shard(str(tmp / "images"), shard_out, ShardConfig(rows_per_shard=10), log=lambda m: None)
+    write_json(shard_out.fs, shard_out.join("manifest.json"), manifest)
+    stats = shard_out.read_json("stats.json")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    exp = MlflowClient(uri).create_experiment("train-tests")
+    return SimpleNamespace(tmp=tmp, shard=shard_out, stats=stats, uri=uri, exp=exp,
+                           augment=augment_output(tmp, stats, CROP))
+
+
+def augment_output(tmp: Path, stats: dict, crop: int):
+    """An augment stage output: spec.json (what the augment stage will write)."""
+    out = Store(str(tmp / "work")).begin("augment", f"crop{crop}")
+    spec = AugmentSpec.from_stats(stats, crop=crop, device="cpu", num_threads=1)
+    write_json(out.fs, out.join("spec.json"), spec.to_dict())
+    return out
+
+
+def section(name: str = "A", arch: str = "A", epochs: int = 2, init="glorot", **net) -> dict:
+    """A tiny recipe: width 1/8, global batch 10 on 2 workers x 1 CPU, keep 1 (+ the latest)."""
+    t = TrainConfig(batch_size=10, width=0.125, num_workers=2, cpus_per_worker=1.0,
+                    max_epochs=epochs, keep_checkpoints=1, max_failures=2, log_every=0, seed=0)
+    return {"train": t, "net": NetPlan(arch=arch, scale=SCALE, lr=0.01, init=init, epochs=epochs, **net),
+            "name": name}
+
+
+def make_ctx(data, work: Path, sec: dict, extra_inputs: dict | None = None, augment=None) -> StageContext:
+    """A StageContext as the runner builds it (fresh output dir, scratch per key, an MLflow run)."""
+    store, sid, key = Store(str(work)), f"train/{sec['name']}", "key0"
+    run = MlflowClient(data.uri).create_run(data.exp, run_name=sid)
+    inputs = {"shard": data.shard, "augment": augment or data.augment, **(extra_inputs or {})}
+    return StageContext(sid, "train", sec, inputs, store.begin(sid, key),
+                        TrackingInfo(data.uri, data.exp, run.info.run_id), key, store.scratch(sid, key))
+
+
+def checkpoint_state(ctx: StageContext, epoch: int) -> dict:
+    path = Path(ctx.scratch.path) / T.RUN_NAME / f"epoch_{epoch:04d}" / T.STATE_FILE
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def history(ctx: StageContext) -> dict:
+    return json.loads(Path(ctx.out.join("history.json")).read_text())
+
+
+def assert_same_weights(a: dict, b: dict) -> float:
+    """Exact equality of two state dicts; returns the max abs difference (0.0)."""
+    assert a.keys() == b.keys()
+    diff = max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+    assert diff == 0.0, f"weights differ by up to {diff}"
+    return diff
+
+
+@pytest.fixture(scope="module")
+def trained_a(data, tmp_path_factory):
+    """Net A trained for 2 epochs on 2 workers, uninterrupted: the reference run."""
+    ctx = make_ctx(data, tmp_path_factory.mktemp("a") / "work", section())
+    return SimpleNamespace(ctx=ctx, result=T.run(ctx))
+
+
+# ---------------------------------------------------------------- the schedule
+def test_plateau_schedule_divides_at_the_right_epochs_at_most_three_times():
+    accs = [0.10, 0.20, 0.20, 0.2005, 0.30, 0.30, 0.30, 0.30, 0.30, 0.30, 0.30, 0.30]
+    # e0, e1 improve; e2, e3 do not (+0.0005 is below the threshold) -> drop after e3;
+    # e4 improves; e5, e6 flat -> drop after e6; e7, e8 -> drop after e8; then no more.
+    s = T.PlateauSchedule(0.01, factor=0.1, patience=2, threshold=1e-3, max_drops=3)
+    lrs, dropped = [], []
+    for epoch, acc in enumerate(accs):
+        lrs.append(s.lr)
+        if s.step(acc, epoch):
+            dropped.append(epoch)
+    assert dropped == [3, 6, 8] == s.drops
+    assert lrs == pytest.approx([1e-2] * 4 + [1e-3] * 3 + [1e-4] * 2 + [1e-5] * 3)
+
+    # state_dict round trip mid-way continues identically (what resuming relies on)
+    a = T.PlateauSchedule(0.01, 0.1, 2, 1e-3, 3)
+    for epoch, acc in enumerate(accs[:5]):
+        a.step(acc, epoch)
+    b = T.PlateauSchedule(0.01, 0.1, 2, 1e-3, 3)
+    b.load_state_dict(json.loads(json.dumps(a.state_dict())))
+    for epoch, acc in enumerate(accs[5:], 5):
+        assert a.step(acc, epoch) == b.step(acc, epoch)
+    assert a.state_dict() == b.state_dict()
+
+
+# ---------------------------------------------------------------- training
+@pytest.mark.slow
+def test_a_trains_two_epochs_on_two_workers(trained_a, data):
+    ctx, result = trained_a.ctx, trained_a.result
+    h = history(ctx)
+    epochs = h["epochs"]
+    assert [r["epoch"] for r in epochs] == [0, 1] and h["resumes"] == []
+    assert epochs[1]["train_loss"] < epochs[0]["train_loss"]
+    assert all(r["train_images"] == CLASSES * TRAIN_PER_CLASS for r in epochs)  # every image once
+    assert all(r["val_images"] == CLASSES * VAL_PER_CLASS for r in epochs)
+    assert sorted(w["rank"] for w in h["workers"]) == [0, 1]
+
+    # model.pt holds the best epoch (max val accuracy, the later one on ties)
+    best = max(epochs, key=lambda r: (r["val_top1_acc"], r["epoch"]))
+    net, meta = T.load_model(ctx.out)
+    assert meta["epoch"] == best["epoch"] and meta["val_top1_err"] == pytest.approx(best["val_top1_err"])
+    assert (meta["arch"], meta["width"], meta["crop"], meta["num_classes"]) == ("A", 0.125, CROP, CLASSES)
+    assert meta["classes"] == data.shard.read_json("classes.json") and meta["net"] == "A"
+    assert meta["config"]["train"]["batch_size"] == 10 and meta["config"]["net"]["arch"] == "A"
+    assert_same_weights(net.state_dict(), checkpoint_state(ctx, best["epoch"])["model"])
+
+    # Ray Train kept the best checkpoint and the latest (keep_checkpoints=1)
+    kept = {p.name for p in (Path(ctx.scratch.path) / T.RUN_NAME).glob("epoch_*")}
+    assert kept == {f"epoch_{best['epoch']:04d}", "epoch_0001"}
+    last = checkpoint_state(ctx, 1)
+    assert {"model", "optimizer", "schedule", "epoch", "progress", "config"} <= last.keys()
+    assert last["config"]["name"] == "A" and last["progress"]["best"]["epoch"] == best["epoch"]
+
+    # outputs, StageResult, MLflow (rank 0 alone logs: one value per epoch and metric)
+    assert Path(ctx.out.join("learning_curves.png")).read_bytes()[:4] == b"\x89PNG"
+    assert {"history.json", "learning_curves.png", "init.json", "model.pt"} <= set(result.artifacts)
+    assert result.params["per_worker_batch"] == 5 and result.metrics["best_epoch"] == best["epoch"]
+    assert result.manifest["model"]["bytes"] == os.path.getsize(ctx.out.join("model.pt"))
+    client = MlflowClient(data.uri)
+    for key in ("train_loss", "val_top1_err", "train_top1_err", "lr", "images_per_s", "epoch_seconds"):
+        assert sorted(m.step for m in client.get_metric_history(ctx.tracking.run_id, key)) == [0, 1]
+    assert client.get_metric_history(ctx.tracking.run_id, "val_top5_err") == []  # 3 classes < 5
+
+
+def test_b_starts_from_a(trained_a, data, tmp_path):
+    """B (epochs 0: the starting state is the result) takes A's first four convs (at the same
+    block positions) and its three FC layers; everything else is B's own random init."""
+    a_net, _ = T.load_model(trained_a.ctx.out)
+    ctx = make_ctx(data, tmp_path / "work", section("B", "B", epochs=0, init={"from_A": "train/A"}),
+                   {"train/A": trained_a.ctx.out})
+    result = T.run(ctx)
+    b_net, meta = T.load_model(ctx.out)
+    copied = json.loads(Path(ctx.out.join("init.json")).read_text())["copied"]
+    assert result.params["init_copied_tensors"] == len(copied) == 2 * (4 + 3)
+    a_state, b_state = a_net.state_dict(), b_net.state_dict()
+    # A: features.{0,3,6,8} are conv1_1, conv2_1, conv3_1, conv3_2; in B those are
+    # features.{0,5,10,12}; FC1-3 are classifier.{0,3,6} in both.
+    pairs = {"features.0": "features.0", "features.5": "features.3", "features.10": "features.6",
+             "features.12": "features.8", "classifier.0": "classifier.0", "classifier.3": "classifier.3",
+             "classifier.6": "classifier.6"}
+    assert sorted(copied) == sorted(f"{b}.{p}" for b in pairs for p in ("weight", "bias"))
+    for b_key, a_key in pairs.items():
+        for p in ("weight", "bias"):
+            assert torch.equal(b_state[f"{b_key}.{p}"], a_state[f"{a_key}.{p}"])
+    others = [k for k in b_state if k not in copied and k.endswith("weight")]
+    assert others and all(not torch.equal(b_state[k], a_state.get(k, torch.empty(0))) for k in others)
+    assert meta["origin"] == "initial" and meta["epoch"] is None
+
+
+# ---------------------------------------------------------------- failures
+@pytest.mark.slow
+def test_killed_worker_restarts_from_the_last_checkpoint(trained_a, data, tmp_path, monkeypatch):
+    marker = tmp_path / "killed"
+    monkeypatch.setenv(T.KILL_ENV, f"1:2:1:{marker}")  # epoch 1, step 2, rank 1: mid-epoch
+    ctx = make_ctx(data, tmp_path / "work", section())
+    T.run(ctx)
+    assert marker.exists()
+    h = history(ctx)
+    assert [r["epoch"] for r in h["epochs"]] == [0, 1]  # epoch 0 not repeated
+    assert [r["after_epoch"] for r in h["resumes"]] == [0]  # restored from epoch 0's checkpoint
+    # the restart is exact: same final weights as the uninterrupted run
+    assert_same_weights(checkpoint_state(ctx, 1)["model"], checkpoint_state(trained_a.ctx, 1)["model"])
+
+
+DRIVER = """
+import pickle, sys
+sys.path.insert(0, sys.argv[3])
+import ray
+from ray._private import ray_constants
+ray_constants.ENABLE_RAY_CLUSTER = False  # the cluster is bound to 127.0.0.1 (conftest)
+ray.init(address=sys.argv[2], log_to_driver=False)
+from stages.train import run
+run(pickle.load(open(sys.argv[1], "rb")))
+"""
+
+
+def snapshot_has(ctx: StageContext, checkpoint_dir: str) -> bool:
+    snap = Path(ctx.scratch.path) / T.RUN_NAME / "checkpoint_manager_snapshot.json"
+    return snap.exists() and checkpoint_dir in snap.read_text()
+
+
+@pytest.mark.slow
+def test_interrupted_stage_resumes_at_the_next_epoch_exactly(trained_a, data, tmp_path, ray_session):
+    """Kill the driver (its whole process group) once epoch 0's checkpoint is committed, run
+    the stage again: it resumes at epoch 1 and ends with bit-identical weights to the
+    uninterrupted run (fixed seed; data order, augmentation and dropout depend only on
+    (seed, epoch, rank), weights and optimizer state are identical on all ranks)."""
+    sec = section()
+    first = make_ctx(data, tmp_path / "work", sec)
+    (tmp_path / "ctx.pkl").write_bytes(pickle.dumps(first))
+    env = {**os.environ, T.HANG_ENV: "0"}  # rank 0 waits after epoch 0's checkpoint
+    proc = subprocess.Popen([sys.executable, "-c", DRIVER, str(tmp_path / "ctx.pkl"),
+                             ray_session.get_runtime_context().gcs_address, str(ROOT)],
+                            env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=open(tmp_path / "driver.log", "wb"))
+    try:
+        deadline = time.monotonic() + 240
+        while not snapshot_has(first, "epoch_0000"):
+            assert proc.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "epoch 0 never finished"
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not snapshot_has(first, "epoch_0001")
+
+    again = make_ctx(data, tmp_path / "work", sec)  # same key -> same scratch, new output dir
+    T.run(again)
+    h = history(again)
+    assert [r["epoch"] for r in h["epochs"]] == [0, 1]
+    assert [r["after_epoch"] for r in h["resumes"]] == [0]
+    assert _same_but_timing(h, trained_a.ctx)  # losses, errors, lrs: all equal
+    assert_same_weights(checkpoint_state(again, 1)["model"], checkpoint_state(trained_a.ctx, 1)["model"])
+    ref_opt, opt = checkpoint_state(trained_a.ctx, 1)["optimizer"], checkpoint_state(again, 1)["optimizer"]
+    assert all(torch.equal(ref_opt["state"][i]["momentum_buffer"], opt["state"][i]["momentum_buffer"])
+               for i in ref_opt["state"])
+    # the new MLflow run got the epochs of the killed one too
+    steps = MlflowClient(data.uri).get_metric_history(again.tracking.run_id, "val_top1_err")
+    assert sorted(m.step for m in steps) == [0, 1]
+
+
+def _same_but_timing(h: dict, ref_ctx: StageContext) -> bool:
+    """Epoch records equal apart from the wall-clock fields."""
+    drop = ("images_per_s", "epoch_seconds")
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in drop} for r in rs]  # noqa: E731
+    return strip(h["epochs"]) == strip(history(ref_ctx)["epochs"])
+
+
+# ---------------------------------------------------------------- two nodes
+TWO_NODES = """
+import os, pickle, sys
+sys.path.insert(0, sys.argv[2])
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # bind every node to 127.0.0.1
+from ray._private import ray_constants
+ray_constants.ENABLE_RAY_CLUSTER = False
+from ray.cluster_utils import Cluster
+cluster = Cluster(initialize_head=True, connect=True, head_node_args={"num_cpus": 1})
+cluster.add_node(num_cpus=1)
+from stages.train import run
+try:
+    run(pickle.load(open(sys.argv[1], "rb")))
+finally:
+    import ray
+    ray.shutdown()
+    cluster.shutdown()
+"""
+
+
+@pytest.mark.slow
+def test_two_nodes_one_worker_each_use_both_shares(data, tmp_path):
+    """A simulated 2-node cluster (1 CPU each, in a subprocess: one cluster per process):
+    the two workers land on different nodes and together see every training image once."""
+    debug = tmp_path / "rows"
+    ctx = make_ctx(data, tmp_path / "work", section(epochs=1))
+    (tmp_path / "ctx.pkl").write_bytes(pickle.dumps(ctx))
+    env = {**os.environ, T.DEBUG_ENV: str(debug)}
+    done = subprocess.run([sys.executable, "-c", TWO_NODES, str(tmp_path / "ctx.pkl"), str(ROOT)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    workers = history(ctx)["workers"]
+    # different nodes (Ray Train's node_rank groups workers by IP: both nodes are 127.0.0.1 here)
+    assert sorted(w["rank"] for w in workers) == [0, 1] and len({w["node_id"] for w in workers}) == 2
+    seen = [json.loads(p.read_text()) for p in debug.glob("epoch0_rank*.json")]
+    assert sorted(s["rank"] for s in seen) == [0, 1]
+    assert {s["node_id"] for s in seen} == {w["node_id"] for w in workers}
+    rows = sorted(r for s in seen for r in s["rows"])
+    assert rows == list(range(CLASSES * TRAIN_PER_CLASS))  # the whole split, each image once
+    assert sorted(len(s["rows"]) for s in seen) == [25, 26] and {s["steps"] for s in seen} == {6}
+
+
+# ---------------------------------------------------------------- imported weights
+def test_torchvision_weights_are_imported_without_training(data, tmp_path):
+    import torchvision
+
+    torch.manual_seed(0)
+    state = torchvision.models.vgg11(num_classes=CLASSES).state_dict()
+    torch.save(state, tmp_path / "vgg11.pth")
+    augment = augment_output(tmp_path, data.stats, 224)  # torchvision's FC1 sees 7x7: crop 224
+    sec = section("A_tv", epochs=0, init="random", weights=str(tmp_path / "vgg11.pth"))
+    ctx = make_ctx(data, tmp_path / "work", sec, augment=augment)
+    result = T.run(ctx)
+    net, meta = T.load_model(ctx.out)
+    assert (meta["arch"], meta["width"], meta["crop"], meta["num_classes"]) == ("A", 1.0, 224, CLASSES)
+    assert meta["origin"].startswith("imported")
+    for k, v in state.items():
+        assert torch.equal(net.state_dict()[k], v), k
+    # ~0.5 GB: not an MLflow artifact, but its URI, size and hash are in the manifest
+    assert "model.pt" not in result.artifacts and len(result.manifest["model"]["sha256"]) == 64
+    assert result.manifest["model"]["bytes"] == os.path.getsize(ctx.out.join("model.pt"))
+
+    # 4 classes (the class count is checked first: the other tensors may be dummies)
+    four = {k: torch.zeros(1) for k in state} | {"classifier.6.weight": torch.zeros(4, 4096)}
+    torch.save(four, tmp_path / "vgg11_4.pth")
+    with pytest.raises(ValueError, match="has 4 classes, the dataset has 3"):
+        T.run(make_ctx(data, tmp_path / "w2", section("A_tv", epochs=0, init="random",
+                                                      weights=str(tmp_path / "vgg11_4.pth")), augment=augment))
+    with pytest.raises(ValueError, match=r"crop 224 .*augment.crop is 32"):
+        T.run(make_ctx(data, tmp_path / "w3", sec))
