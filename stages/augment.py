@@ -1018,8 +1018,15 @@ def run_stage(ctx: "StageContext") -> "StageResult":
     from pipeline.stage import StageResult
     from pipeline.storage import write_bytes, write_json
 
+    from pipeline.storage import exists
+
     cfg = ctx.section["augment"]
     shard = ctx.inputs["shard"]
+    if not exists(shard.fs, shard.join("stats.json")):
+        raise FileNotFoundError(
+            f"the shard output {shard.uri} has no stats.json (mean RGB and RGB eigen-decomposition); "
+            "re-run the shard stage: python pipeline/run.py --stage shard --force"
+        )
     spec = spec_from_config(cfg, shard.read_json("stats.json"))
     shards = shard.local()  # DALI reads the shards through the local (or mounted shared) filesystem
     scale = check_scale_of(cfg)
