@@ -31,7 +31,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -44,6 +44,10 @@ from nvidia.dali.pipeline import Pipeline
 from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 from nvidia.dali.tensors import TensorListCPU
+
+if TYPE_CHECKING:  # only for annotations: the stage entry imports them when it runs
+    from pipeline.config import AugmentConfig
+    from pipeline.stage import StageContext, StageResult
 
 Scale = int | tuple[int, int] | Sequence[int]
 
@@ -966,7 +970,7 @@ def measure_throughput(loader: TrainLoader, num_batches: int = 50, warmup: int =
     return n / (time.perf_counter() - t0)
 
 
-def spec_from_config(cfg: "AugmentConfig", stats: Mapping[str, Any]) -> AugmentSpec:
+def spec_from_config(cfg: AugmentConfig, stats: Mapping[str, Any]) -> AugmentSpec:
     """The augmentation spec: the config's options plus the shard stage's RGB statistics."""
     return AugmentSpec.from_stats(
         stats,
@@ -1007,7 +1011,7 @@ def check_pipelines(shards: str, spec: AugmentSpec, scale: tuple[int, int], batc
     return rates
 
 
-def run_stage(ctx: "StageContext") -> "StageResult":
+def run_stage(ctx: StageContext) -> StageResult:
     """DAG entry: the augmentation spec train and evaluate use, checked on a few batches
     of every pipeline kind, with its throughput and a PNG grid of training samples."""
     import io as _io

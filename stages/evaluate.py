@@ -33,7 +33,6 @@ as metrics and the "errors.json" table, images/s per method.
 from __future__ import annotations
 
 import dataclasses
-import io
 import posixpath
 import time
 from dataclasses import dataclass, field
@@ -44,7 +43,7 @@ import pyarrow.parquet as pq
 
 from pipeline.config import EvaluateConfig, NetPlan
 from pipeline.stage import Progress, StageContext, StageResult
-from pipeline.storage import StageOutput, exists, read_bytes, resolve_uri, write_json
+from pipeline.storage import StageOutput, exists, write_json
 from stages.metrics import Posteriors, average, errors, write_posteriors
 from stages.paper import EvalRow
 
@@ -97,28 +96,6 @@ def q_sets(scale: int | Sequence[int], crop: int, cfg: EvaluateConfig) -> tuple[
 
 
 # ---------------------------------------------------------------- the model
-def load_model(fs, path: str, device: str | torch.device = "cpu") -> tuple[VGG, dict[str, Any]]:
-    """A trained net from a train stage's model.pt (any pyarrow filesystem), in eval mode.
-
-    model.pt is a torch.save'd dict with state_dict, arch, width, crop,
-    num_classes, batch_norm (and classes, net, config, ...). -> (net, the dict
-    without its state_dict).
-    """
-    import torch
-
-    from stages.vgg import build_vgg, load_full
-
-    blob = torch.load(io.BytesIO(read_bytes(fs, path)), map_location="cpu", weights_only=False)
-    missing = [k for k in ("state_dict", "arch", "width", "crop", "num_classes") if k not in blob]
-    if missing:
-        raise ValueError(f"{path}: not a model file of the train stage, missing {missing}")
-    net = build_vgg(blob["arch"], num_classes=int(blob["num_classes"]), width=float(blob["width"]),
-                    crop=int(blob["crop"]), batch_norm=bool(blob.get("batch_norm", False)))
-    load_full(net, blob["state_dict"])
-    meta = {k: v for k, v in blob.items() if k != "state_dict"}
-    return net.to(device).eval(), meta
-
-
 def file_uri(out: StageOutput, name: str) -> str:
     """URI of a file inside a stage output (a path for local outputs), for another process."""
     if "://" in out.uri:
@@ -171,8 +148,10 @@ def evaluate_share(job: ShareJob) -> ShareResult:
     if bad:
         raise ValueError(f"unknown methods {sorted(bad)}; expected some of {BASE_METHODS}")
     device, device_id, spec = _placement(AugmentSpec.from_dict(job.spec), job.use_gpu)
-    fs, path = resolve_uri(job.model_uri)
-    net, meta = load_model(fs, path, device)
+    from stages.train import load_model  # the train stage's model file format
+
+    net, meta = load_model(job.model_uri)
+    net = net.to(device)
     _check_model(net, meta, spec, job)
     acc: dict[tuple[str, int], list] = {(m, q): [] for m in job.methods for q in job.qs}
     seconds = dict.fromkeys(("decode", *job.methods), 0.0)

@@ -138,7 +138,7 @@ def load_model(output: StageOutput | str) -> tuple[VGG, dict[str, Any]]:
     state = payload.pop("state_dict")
     dropout = payload.get("config", {}).get("train", {}).get("dropout", 0.5)
     net = empty_net(payload["arch"], num_classes=payload["num_classes"], width=payload["width"],
-                    crop=payload["crop"], dropout=dropout, batch_norm=payload["batch_norm"])
+                    crop=payload["crop"], dropout=dropout, batch_norm=payload.get("batch_norm", False))
     load_full(net, state)
     return net.eval(), payload
 

@@ -4,7 +4,6 @@ and the import of torchvision weights."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import pickle
