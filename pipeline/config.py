@@ -367,14 +367,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value is None:
             _check(type(None) in args, key, "must not be null")
             return None
-        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _coerce(value, arg, key)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                continue
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
     if origin is Literal:
         _check(value in get_args(tp), key, f"must be one of {list(get_args(tp))}, got {value!r}")
