@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             print_dag(cfg)
             return 0
         run = run_pipeline(cfg, args.stage, args.force, str(cfg_path))
-    except (ConfigError, PipelineError) as e:
+    except (ConfigError, PipelineError, ConnectionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print_summary(run)

@@ -21,7 +21,7 @@ from pipeline import tracking
 from pipeline.config import PipelineConfig, to_dict
 from pipeline.dag import REPORT, StageSpec, build_dag, cache_key, package_version, upstream_closure
 from pipeline.stage import StageContext, StageResult, TrackingInfo
-from pipeline.storage import StageOutput, Store, write_json
+from pipeline.storage import StageOutput, Store, is_local, resolve_uri, write_json
 
 
 class PipelineError(RuntimeError):
@@ -125,6 +125,7 @@ def run_pipeline(
     store = Store(cfg.work_dir)
     keys = plan_keys(dag, store, selected)
     uri = tracking.tracking_uri(cfg)
+    tracking.check_reachable(uri)
     with tracking.using_tracking_uri(uri):
         return _run(cfg, dag, selected, keys, store, uri, force, config_path, bool(stage_ids))
 
@@ -309,10 +310,56 @@ def connect_ray(cfg: PipelineConfig) -> bool:
     if address:
         _say(f"Connecting to Ray at {address}")
         ray.init(address=address, log_to_driver=True)
+        check_shared_work_dir(cfg.work_dir)
     else:
         _say(f"Starting a local Ray instance on {cfg.ray.node_ip_address}")
         start_local_ray(cfg.ray.num_cpus, cfg.ray.node_ip_address)
     return True
+
+
+def check_shared_work_dir(work_dir: str, timeout_s: float = 120.0) -> int:
+    """On a multi-node cluster a local work_dir must be a filesystem every node mounts:
+    shards, checkpoints and posteriors written on one node are read on others. A marker
+    file is written here and a task on every alive node reads it back. -> nodes checked.
+    Raises PipelineError naming the nodes that cannot see it."""
+    import uuid
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    fs, root = resolve_uri(work_dir)
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if not is_local(fs) or len(nodes) < 2:
+        return 0  # object storage (s3://, gs://, ...) is shared by nature; one node shares with itself
+    token = uuid.uuid4().hex
+    marker = os.path.join(root, "_tmp", f"shared-check-{token}")
+    os.makedirs(os.path.dirname(marker), exist_ok=True)
+    with open(marker, "w") as f:
+        f.write(token)
+
+    @ray.remote(num_cpus=0, max_retries=0)
+    def sees(path: str, expected: str) -> bool:
+        try:
+            with open(path) as f:
+                return f.read() == expected
+        except OSError:
+            return False
+
+    try:
+        refs = [sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                .remote(marker, token) for n in nodes]
+        seen = ray.get(refs, timeout=timeout_s)
+    finally:
+        os.remove(marker)
+    blind = [f"{n['NodeManagerAddress']} (node {n['NodeID'][:8]})" for n, ok in zip(nodes, seen) if not ok]
+    if blind:
+        raise PipelineError(
+            f"work_dir {work_dir} is not shared: {len(blind)} of {len(nodes)} nodes cannot see it "
+            f"({', '.join(blind)}). Use a filesystem every node mounts (NFS, EFS, ...) or object "
+            "storage (s3://bucket/path)"
+        )
+    _say(f"work_dir {work_dir} is shared by all {len(nodes)} nodes")
+    return len(nodes)
 
 
 def start_local_ray(num_cpus: int | None, node_ip: str = "127.0.0.1", **kwargs) -> None:

@@ -12,6 +12,7 @@ import json
 import os
 import posixpath
 import tempfile
+import time
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -39,6 +40,31 @@ def tracking_uri(cfg: PipelineConfig) -> str:
         )
     os.makedirs(root, exist_ok=True)
     return f"sqlite:///{os.path.join(root, 'mlflow.db')}"
+
+
+def check_reachable(uri: str, wait_s: float = 15.0) -> None:
+    """Fail fast, with the fix, when `uri` is an MLflow server that does not answer within
+    `wait_s` (the MLflow client itself would retry for minutes before the first stage)."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10):
+                return
+        except urllib.error.HTTPError:
+            return  # it answers (a proxy or an auth layer may refuse /health)
+        except (OSError, ValueError) as e:
+            if time.monotonic() > deadline:
+                raise ConnectionError(
+                    f"the MLflow tracking server {uri} does not answer ({e}). Start it (on a "
+                    "cluster: the head's `mlflow server`, see README) or point "
+                    "mlflow.tracking_uri / MLFLOW_TRACKING_URI elsewhere"
+                ) from None
+            time.sleep(1.0)
 
 
 def artifact_location(cfg: PipelineConfig, uri: str) -> str | None:
@@ -125,3 +151,15 @@ def runs_of(uri: str, experiment_id: str, parent_run_id: str | None = None) -> l
     client = MlflowClient(uri)
     flt = f"tags.mlflow.parentRunId = '{parent_run_id}'" if parent_run_id else ""
     return client.search_runs([experiment_id], filter_string=flt, max_results=5000)
+
+
+if __name__ == "__main__":  # python -m pipeline.tracking --wait URI [SECONDS]: wait for a server
+    import sys
+
+    if len(sys.argv) not in (3, 4) or sys.argv[1] != "--wait":
+        sys.exit("usage: python -m pipeline.tracking --wait URI [SECONDS]")
+    try:
+        check_reachable(sys.argv[2], float(sys.argv[3]) if len(sys.argv) == 4 else 300.0)
+    except ConnectionError as e:
+        sys.exit(str(e))
+    print(f"MLflow tracking server {sys.argv[2]} is up")

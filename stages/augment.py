@@ -27,6 +27,7 @@ follows the data onto the GPU).
 from __future__ import annotations
 
 import dataclasses
+import posixpath
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
@@ -44,6 +46,8 @@ from nvidia.dali.pipeline import Pipeline
 from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 from nvidia.dali.tensors import TensorListCPU
+
+from pipeline.storage import is_local, resolve_uri
 
 if TYPE_CHECKING:  # only for annotations: the stage entry imports them when it runs
     from pipeline.config import AugmentConfig
@@ -278,16 +282,34 @@ def num_batches(num_rows: int, rank: int, world_size: int, batch_size: int) -> i
 
 
 def shard_files(source: str | Path | Sequence[str | Path], split: str = "train") -> list[str]:
-    """Parquet files of a split: a shard dir (uses ``<dir>/<split>/*.parquet``) or a list."""
+    """Parquet files of a split: a shard dir (uses ``<dir>/<split>/*.parquet``) or a list.
+
+    The dir may be a local path or a filesystem URI (``s3://...``, ``gs://...``); files
+    are then returned as URIs, which ``open_parquet`` opens through pyarrow.fs.
+    """
     if isinstance(source, (str, Path)):
-        root = Path(source)
-        folder = root / split if (root / split).is_dir() else root
-        files = sorted(str(p) for p in folder.glob("*.parquet"))
+        fs, root = resolve_uri(str(source))
+        folder = posixpath.join(root, split)
+        if fs.get_file_info(folder).type != pafs.FileType.Directory:
+            folder = root
+        infos = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+        paths = sorted(i.path for i in infos if i.is_file and i.path.endswith(".parquet"))
+        if is_local(fs):
+            files = paths
+        else:  # back to URIs: scheme://bucket/key
+            scheme = str(source).split("://", 1)[0]
+            files = [f"{scheme}://{p}" for p in paths]
     else:
         files = [str(p) for p in source]
     if not files:
         raise ValueError(f"no Parquet files found for {source!r} (split {split!r})")
     return files
+
+
+def open_parquet(path: str) -> pq.ParquetFile:
+    """A Parquet file by local path or filesystem URI (opened through pyarrow.fs)."""
+    fs, p = resolve_uri(path)
+    return pq.ParquetFile(p if is_local(fs) else fs.open_input_file(p))
 
 
 class ShardIndex:
@@ -297,7 +319,7 @@ class ShardIndex:
         self.files = list(files)
         blocks = []  # (file index, row group, rows, first row of the group in its file)
         for i, path in enumerate(self.files):
-            meta = pq.ParquetFile(path).metadata
+            meta = open_parquet(path).metadata
             missing = set(_COLUMNS) - set(meta.schema.names)
             if missing:
                 raise ValueError(f"{path}: missing columns {sorted(missing)}")
@@ -401,7 +423,7 @@ class _RowFetcher:
         idx = self.index
         f = int(idx.block_file[b])
         if f not in self._files:
-            self._files[f] = pq.ParquetFile(idx.files[f])
+            self._files[f] = open_parquet(idx.files[f])
         rows = self._planned.pop(b)
         table = self._files[f].read_row_group(int(idx.block_rg[b]), columns=self._columns,
                                               use_threads=False)  # DALI owns the cores
@@ -627,7 +649,7 @@ def _read_sizes(index: ShardIndex, lo: int, hi: int) -> tuple[np.ndarray, np.nda
     if hi > lo:
         first, last = index.block_of(np.asarray([lo, hi - 1])).tolist()
         for b in range(first, last + 1):
-            t = pq.ParquetFile(index.files[index.block_file[b]]).read_row_group(
+            t = open_parquet(index.files[index.block_file[b]]).read_row_group(
                 int(index.block_rg[b]), columns=["height", "width"])
             start = index.block_start[b]
             a, z = max(lo, start) - start, min(hi, index.block_start[b + 1]) - start
@@ -1032,7 +1054,7 @@ def run_stage(ctx: StageContext) -> StageResult:
             "re-run the shard stage: python pipeline/run.py --stage shard --force"
         )
     spec = spec_from_config(cfg, shard.read_json("stats.json"))
-    shards = shard.local()  # DALI reads the shards through the local (or mounted shared) filesystem
+    shards = shard.uri  # a local path or a filesystem URI: read through pyarrow.fs
     scale = check_scale_of(cfg)
     rates = check_pipelines(shards, spec, scale, cfg.check_batches, cfg.check_batch_size, cfg.seed, ctx.log)
     grid = sample_grid(shards, spec, scale, n=16, seed=cfg.seed)

@@ -253,9 +253,9 @@ def _concat(parts: list) -> tuple[list[str], np.ndarray, np.ndarray]:
 # ---------------------------------------------------------------- all shares
 def num_val_images(shards: str) -> int:
     """Rows of the validation shards (Parquet metadata only)."""
-    from stages.augment import shard_files
+    from stages.augment import open_parquet, shard_files
 
-    return sum(pq.ParquetFile(f).metadata.num_rows for f in shard_files(shards, "val"))
+    return sum(open_parquet(f).metadata.num_rows for f in shard_files(shards, "val"))
 
 
 def run_shares(job: ShareJob, num_workers: int, cpus_per_worker: float, log=print,
@@ -397,10 +397,7 @@ def run(ctx: StageContext) -> StageResult:
     model_uri = file_uri(trained, MODEL_FILE)
     if not exists(trained.fs, trained.join(MODEL_FILE)):
         raise FileNotFoundError(f"{trained.uri}: no {MODEL_FILE} in the output of train/{name}")
-    try:
-        val = shard.local("val")
-    except ValueError:
-        raise ValueError(f"{shard.uri}: the DALI eval loaders read local (or mounted) shards only") from None
+    val = posixpath.join(shard.uri, "val")  # a local path or a filesystem URI (pyarrow.fs)
     n_val = num_val_images(val)
     workers = max(1, min(cfg.num_workers, n_val))
     ctx.log(f"{n_val} images, Q single {q_single}, multi {q_multi}; grid {cfg.grid}x{cfg.grid}"

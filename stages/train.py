@@ -623,7 +623,7 @@ def run(ctx: StageContext) -> StageResult:
         return _finish(ctx, net, meta, {"epochs": [], "lr_drops": [], "resumes": []}, params,
                        "0 epochs: wrote the initial weights")
     init_uri = _write_init(ctx.scratch, net)
-    plan = WorkerPlan(ctx.stage_id, dict(ctx.section), _local_dir(ctx.inputs["shard"]), spec.to_dict(),
+    plan = WorkerPlan(ctx.stage_id, dict(ctx.section), ctx.inputs["shard"].uri, spec.to_dict(),
                       len(classes), init_uri, epochs, ctx.tracking.tracking_uri, ctx.tracking.run_id,
                       Hooks.from_env())
     result = _trainer(plan, ctx.scratch).fit()
@@ -730,14 +730,6 @@ def _write_init(scratch: StageOutput, net: VGG) -> str:
     torch.save(net.state_dict(), buf)
     write_bytes(scratch.fs, scratch.join(INIT_FILE), buf.getvalue())
     return posixpath.join(scratch.uri, INIT_FILE)
-
-
-def _local_dir(output: StageOutput) -> str:
-    """The shard output as a local directory (the DALI loaders read local Parquet files)."""
-    try:
-        return output.local()
-    except ValueError as e:
-        raise ValueError(f"the train stage reads shards from a local or mounted path: {e}") from None
 
 
 # ---------------------------------------------------------------- plots

@@ -317,6 +317,35 @@ def test_determinism(shard, spec):
     assert all(torch.equal(x[0], y[0]) for x, y in zip(first, repeat))
 
 
+def test_shards_read_through_a_remote_filesystem(shard, spec, monkeypatch):
+    """A work_dir on s3:// etc.: shards are listed and read through pyarrow.fs, not paths.
+    "fake://" is the shard dir behind a non-local pyarrow filesystem (SubTreeFileSystem)."""
+    import pyarrow.fs as pafs
+
+    from pipeline import storage
+
+    remote = pafs.SubTreeFileSystem(str(shard.parent), pafs.LocalFileSystem())
+    opened = []
+
+    def resolve(uri):
+        if uri.startswith("fake://"):
+            opened.append(uri)
+            return remote, uri[len("fake://"):]
+        return storage.resolve_uri(uri)
+
+    monkeypatch.setattr(A, "resolve_uri", resolve)
+    uri = f"fake://{shard.name}"
+    files = A.shard_files(uri, "train")
+    assert files == [f"fake://{shard.name}/train/{Path(f).name}" for f in A.shard_files(shard, "train")]
+    got = epoch_batches(A.build_train_loader(uri, spec, (32, 48), 8, seed=3), 0)
+    want = epoch_batches(A.build_train_loader(shard, spec, (32, 48), 8, seed=3), 0)
+    assert len(got) == len(want) and all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1])
+                                         for x, y in zip(got, want))
+    assert any(u.endswith(".parquet") for u in opened)  # the files were opened through it
+    with pytest.raises(ValueError, match="no Parquet files"):
+        A.shard_files("fake://nowhere", "train")
+
+
 def test_undecodable_sample_names_file_and_row(tmp_path, spec):
     t = table_of(tmp_path)
     images = t.column("image").to_pylist()

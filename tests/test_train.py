@@ -289,6 +289,8 @@ ray_constants.ENABLE_RAY_CLUSTER = False
 from ray.cluster_utils import Cluster
 cluster = Cluster(initialize_head=True, connect=True, head_node_args={"num_cpus": 1})
 cluster.add_node(num_cpus=1)
+from pipeline.runner import check_shared_work_dir
+assert check_shared_work_dir(sys.argv[3]) == 2  # both nodes see the (same machine's) work_dir
 from stages.train import run
 try:
     run(pickle.load(open(sys.argv[1], "rb")))
@@ -307,7 +309,8 @@ def test_two_nodes_one_worker_each_use_both_shares(data, tmp_path):
     ctx = make_ctx(data, tmp_path / "work", section(epochs=1))
     (tmp_path / "ctx.pkl").write_bytes(pickle.dumps(ctx))
     env = {**os.environ, T.DEBUG_ENV: str(debug)}
-    done = subprocess.run([sys.executable, "-c", TWO_NODES, str(tmp_path / "ctx.pkl"), str(ROOT)],
+    done = subprocess.run([sys.executable, "-c", TWO_NODES, str(tmp_path / "ctx.pkl"), str(ROOT),
+                           str(tmp_path / "work")],
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
     workers = history(ctx)["workers"]
