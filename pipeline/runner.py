@@ -376,10 +376,25 @@ def start_local_ray(num_cpus: int | None, node_ip: str = "127.0.0.1", **kwargs) 
         ray_constants.ENABLE_RAY_CLUSTER = False
     else:
         kwargs["_node_ip_address"] = node_ip
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
+    # The dashboard serves the State API, which Ray Train's placement-group cleaner polls
+    # every second. Its processes find it through RAY_API_SERVER_ADDRESS (inherited from
+    # this process): auto-detection fails when other Ray instances run on the machine.
+    port = _free_port()
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+             dashboard_port=port, **kwargs)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def disconnect_ray() -> None:
     import ray
 
     ray.shutdown()
+    os.environ.pop("RAY_API_SERVER_ADDRESS", None)

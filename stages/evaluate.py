@@ -39,7 +39,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from pipeline.config import EvaluateConfig, NetPlan
 from pipeline.stage import Progress, StageContext, StageResult

@@ -122,3 +122,12 @@ def test_local_cluster_end_to_end(tmp_path):
     assert summary["fuse_run"]["stages"] == ["fuse"]
     assert summary["tracking_uri"] == "http://127.0.0.1:5000" and summary["fuse_artifacts"]
     assert "PASSED" in out
+
+
+def test_local_ray_serves_the_state_api(ray_session):
+    """Ray Train's placement-group cleaner polls the State API every second; the private
+    local instance must serve it (a dashboard on 127.0.0.1), or it warns every second."""
+    from ray.util.state import list_nodes
+
+    nodes = list_nodes(timeout=30)  # RAY_API_SERVER_ADDRESS: this instance, even beside others
+    assert len(nodes) == 1 and nodes[0].node_ip == "127.0.0.1"
