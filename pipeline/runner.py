@@ -377,12 +377,21 @@ def start_local_ray(num_cpus: int | None, node_ip: str = "127.0.0.1", **kwargs) 
     else:
         kwargs["_node_ip_address"] = node_ip
     # The dashboard serves the State API, which Ray Train's placement-group cleaner polls
-    # every second. Its processes find it through RAY_API_SERVER_ADDRESS (inherited from
-    # this process): auto-detection fails when other Ray instances run on the machine.
+    # every second from a Ray worker. Auto-detection of the API server fails when other
+    # Ray instances run on the machine, so the Ray processes started here inherit
+    # RAY_API_SERVER_ADDRESS; this process's environment is restored afterwards (another
+    # Ray cluster started later from here must not inherit this one's address).
     port = _free_port()
+    before = os.environ.get("RAY_API_SERVER_ADDRESS")
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-             dashboard_port=port, **kwargs)
+    try:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 dashboard_port=port, **kwargs)
+    finally:
+        if before is None:
+            os.environ.pop("RAY_API_SERVER_ADDRESS", None)
+        else:
+            os.environ["RAY_API_SERVER_ADDRESS"] = before
 
 
 def _free_port() -> int:
@@ -397,4 +406,3 @@ def disconnect_ray() -> None:
     import ray
 
     ray.shutdown()
-    os.environ.pop("RAY_API_SERVER_ADDRESS", None)

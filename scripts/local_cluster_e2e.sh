@@ -74,7 +74,7 @@ NAME="vgg-e2e-$$-$RANDOM"         # cluster name: its own launcher state files i
 mkdir -p "$HOME/.ssh" "$DIR/ray-tmp" /tmp/ray /run/sshd
 ip link set lo up
 mount --bind "$DIR/ray-tmp" /tmp/ray   # Ray's sessions and address file stay private
-unset RAY_ADDRESS MLFLOW_TRACKING_URI
+unset RAY_ADDRESS RAY_API_SERVER_ADDRESS MLFLOW_TRACKING_URI
 
 say "sshd on 127.0.0.1:22 (keys and config in $DIR)"
 ssh-keygen -q -t ed25519 -N "" -f "$HOME/.ssh/vgg_local_cluster"

@@ -125,9 +125,17 @@ def test_local_cluster_end_to_end(tmp_path):
 
 
 def test_local_ray_serves_the_state_api(ray_session):
-    """Ray Train's placement-group cleaner polls the State API every second; the private
-    local instance must serve it (a dashboard on 127.0.0.1), or it warns every second."""
-    from ray.util.state import list_nodes
+    """Ray Train's placement-group cleaner polls the State API every second from a Ray
+    worker; the private local instance must serve it (a dashboard on 127.0.0.1) and its
+    workers must find it even beside other Ray instances, or it warns every second."""
+    import os
 
-    nodes = list_nodes(timeout=30)  # RAY_API_SERVER_ADDRESS: this instance, even beside others
-    assert len(nodes) == 1 and nodes[0].node_ip == "127.0.0.1"
+    @ray_session.remote(num_cpus=0)
+    def nodes_seen_from_a_worker():
+        from ray.util.state import list_nodes
+
+        return [n.node_ip for n in list_nodes(timeout=30)], os.environ.get("RAY_API_SERVER_ADDRESS")
+
+    ips, api = ray_session.get(nodes_seen_from_a_worker.remote(), timeout=120)
+    assert ips == ["127.0.0.1"] and api.startswith("http://127.0.0.1:")
+    assert "RAY_API_SERVER_ADDRESS" not in os.environ  # not left behind for other clusters
