@@ -48,6 +48,7 @@ if [ -z "${VGG_E2E_INSIDE:-}" ]; then
             skip "apt-get could not install openssh-server and rsync"
     fi
     command -v unshare > /dev/null || skip "unshare (util-linux) is missing"
+    command -v ip > /dev/null || skip "ip (iproute2) is missing: it brings up the namespace's loopback"
     unshare --net --pid --fork --mount-proc true 2> /dev/null ||
         skip "cannot create PID/mount/network namespaces here (unshare failed)"
     PY="${VIRTUAL_ENV:+$VIRTUAL_ENV/bin/python}"
