@@ -39,6 +39,13 @@ def is_local(fs: pafs.FileSystem) -> bool:
     return isinstance(fs, pafs.LocalFileSystem)
 
 
+def to_uri(fs: pafs.FileSystem, path: str, like: str) -> str:
+    """The inverse of `resolve_uri`: a path of `fs` as a URI with the scheme of `like`."""
+    if is_local(fs):
+        return path
+    return f"{like.split('://', 1)[0]}://{path}"
+
+
 def write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
     """Write a whole file; on a local filesystem via rename, so readers never see half of it."""
     fs.create_dir(posixpath.dirname(path), recursive=True)
@@ -103,10 +110,7 @@ class Store:
 
     # ------------------------------------------------------------ naming
     def uri(self, path: str) -> str:
-        if is_local(self.fs):
-            return path
-        scheme = self.work_dir.split("://", 1)[0]
-        return f"{scheme}://{path}"
+        return to_uri(self.fs, path, self.work_dir)
 
     def stage_root(self, stage_id: str) -> str:
         return posixpath.join(self.root, "stages", stage_id)

@@ -47,7 +47,7 @@ from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 from nvidia.dali.tensors import TensorListCPU
 
-from pipeline.storage import is_local, resolve_uri
+from pipeline.storage import is_local, resolve_uri, to_uri
 
 if TYPE_CHECKING:  # only for annotations: the stage entry imports them when it runs
     from pipeline.config import AugmentConfig
@@ -293,12 +293,8 @@ def shard_files(source: str | Path | Sequence[str | Path], split: str = "train")
         if fs.get_file_info(folder).type != pafs.FileType.Directory:
             folder = root
         infos = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
-        paths = sorted(i.path for i in infos if i.is_file and i.path.endswith(".parquet"))
-        if is_local(fs):
-            files = paths
-        else:  # back to URIs: scheme://bucket/key
-            scheme = str(source).split("://", 1)[0]
-            files = [f"{scheme}://{p}" for p in paths]
+        files = sorted(to_uri(fs, i.path, str(source)) for i in infos
+                       if i.is_file and i.path.endswith(".parquet"))
     else:
         files = [str(p) for p in source]
     if not files:
@@ -648,8 +644,12 @@ def _read_sizes(index: ShardIndex, lo: int, hi: int) -> tuple[np.ndarray, np.nda
     hs, ws = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
     if hi > lo:
         first, last = index.block_of(np.asarray([lo, hi - 1])).tolist()
+        opened: dict[int, pq.ParquetFile] = {}  # one open per file, not per row group
         for b in range(first, last + 1):
-            t = open_parquet(index.files[index.block_file[b]]).read_row_group(
+            f = int(index.block_file[b])
+            if f not in opened:
+                opened[f] = open_parquet(index.files[f])
+            t = opened[f].read_row_group(
                 int(index.block_rg[b]), columns=["height", "width"])
             start = index.block_start[b]
             a, z = max(lo, start) - start, min(hi, index.block_start[b + 1]) - start

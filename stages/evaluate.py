@@ -108,7 +108,7 @@ class ShareJob:
     """What one worker evaluates: its share of the validation split at every Q."""
 
     model_uri: str
-    shards: str  # local directory of the validation Parquet shards
+    shards: str  # the validation Parquet shards: a local path or a filesystem URI
     spec: dict  # AugmentSpec.to_dict()
     qs: tuple[int, ...]
     classes: tuple[str, ...]
