@@ -119,6 +119,8 @@ class NetPlan:
     lr: float = 0.01
     #: "random" | "glorot" | {from_A: train/<net>} (the paper's partial init: first four
     #: convs and the three FC layers from A) | {full: train/<net>} (fine-tuning).
+    #: from_A may add `rest: glorot` (default `random`): how the layers A does not
+    #: provide are initialised (the paper: random, N(0, init_std^2)).
     init: str | dict[str, str] = "random"
     #: Epoch budget of this net (None: train.max_epochs).
     epochs: int | None = None
@@ -129,7 +131,16 @@ class NetPlan:
     @property
     def init_source(self) -> str | None:
         """The train stage this net is initialised from, if any."""
-        return next(iter(self.init.values())) if isinstance(self.init, dict) else None
+        if not isinstance(self.init, dict):
+            return None
+        return self.init.get("from_A", self.init.get("full"))
+
+    @property
+    def random_init(self) -> str:
+        """How the layers not copied from a source net are initialised: normal or glorot."""
+        if isinstance(self.init, dict):
+            return "glorot" if self.init.get("rest") == "glorot" else "normal"
+        return "glorot" if self.init == "glorot" else "normal"
 
 
 @dataclass
@@ -282,7 +293,9 @@ def _validate_train(cfg: PipelineConfig) -> None:
         if isinstance(net.init, str):
             _check(net.init in ("random", "glorot"), f"{key}.init", f"must be random, glorot, {{from_A: train/<net>}} or {{full: train/<net>}}, got {net.init!r}")
         else:
-            _check(len(net.init) == 1 and next(iter(net.init)) in ("from_A", "full"), f"{key}.init", f"must be {{from_A: train/<net>}} or {{full: train/<net>}}, got {net.init}")
+            kinds = [k for k in net.init if k in ("from_A", "full")]
+            _check(len(kinds) == 1 and set(net.init) <= {"from_A", "full", "rest"}, f"{key}.init", f"must be {{from_A: train/<net>}} (optionally with rest: random|glorot) or {{full: train/<net>}}, got {net.init}")
+            _check("rest" not in net.init or (kinds == ["from_A"] and net.init["rest"] in ("random", "glorot")), f"{key}.init.rest", f"must be random or glorot, and only with from_A, got {net.init}")
             src = net.init_source
             _check(src.startswith("train/") and src[6:] in t.nets, f"{key}.init", f"{src!r} is not a train stage of this plan (train/<net> with <net> in train.nets)")
             _check(src[6:] != name, f"{key}.init", "a net cannot be initialised from itself")

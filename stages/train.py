@@ -157,14 +157,15 @@ def initial_model(section: Mapping[str, Any], num_classes: int, crop: int,
 
     "random": N(0, init_std^2) weights, zero biases; "glorot": Xavier-uniform (both seeded
     by train.seed); {from_A: train/X}: X's first four convs and three FCs copied over the
-    random init (Sec. 3.1); {full: train/X}: all of X's weights (same arch).
+    random init (Sec. 3.1), which is N(0, init_std^2) or, with `rest: glorot`, Xavier;
+    {full: train/X}: all of X's weights (same arch).
     """
     t, net_plan = section["train"], section["net"]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(t.seed)
         net = build_vgg(net_plan.arch, num_classes=num_classes, width=t.width, crop=crop,
                         dropout=t.dropout, batch_norm=t.batch_norm,
-                        init="glorot" if net_plan.init == "glorot" else "normal",
+                        init=net_plan.random_init,
                         init_std=t.init_std)
     info: dict[str, Any] = {"init": net_plan.init if isinstance(net_plan.init, str) else dict(net_plan.init),
                             "copied": []}
