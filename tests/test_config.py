@@ -96,3 +96,50 @@ def test_crop_larger_than_smallest_scale(tmp_path):
         load_config(p)
     with pytest.raises(ConfigError, match=r"augment\.device: must be one of \['auto', 'cpu', 'gpu'\]"):
         load_config(DEMO, ["augment.device=tpu"])
+
+
+PLAN = """augment: {crop: 32}
+train:
+  nets:
+    A: {arch: A, scale: 40, init: glorot}
+    B: {arch: B, scale: 40, init: %s}
+    A2: {arch: A, scale: 40, init: {full: train/A}}
+"""
+
+
+@pytest.mark.parametrize("init, error", [
+    ("{from_A: train/A}", None),
+    ("{rest: glorot, from_A: train/A}", None),
+    ("{from_A: train/A, rest: random}", None),
+    ("kaiming", r"train\.nets\.B\.init: must be random, glorot"),
+    ("{from_A: train/A, full: train/A}", r"train\.nets\.B\.init: must be \{from_A"),
+    ("{from_A: train/A, std: high}", r"train\.nets\.B\.init: must be \{from_A"),
+    ("{from_A: train/A, rest: kaiming}", r"train\.nets\.B\.init\.rest: must be random or glorot"),
+    ("{full: train/A, rest: glorot}", r"train\.nets\.B\.init\.rest: must be random or glorot, and only with from_A"),
+    ("{from_A: train/B}", r"train\.nets\.B\.init: a net cannot be initialised from itself"),
+    ("{from_A: train/A2}", None),
+    ("{from_A: train/C}", r"train\.nets\.B\.init: 'train/C' is not a train stage of this plan"),
+    ("{full: train/A}", r"train\.nets\.B\.init: full init needs the same architecture"),
+])
+def test_training_plan_init_is_validated(tmp_path, init, error):
+    p = write(tmp_path, PLAN % init)
+    if error is None:
+        cfg = load_config(p, ["data.root=/x"])
+        net = cfg.train.nets["B"]
+        assert net.init_source == ("train/A2" if "A2" in init else "train/A")
+        assert net.random_init == ("glorot" if "rest: glorot" in init else "normal")
+    else:
+        with pytest.raises(ConfigError, match=error):
+            load_config(p, ["data.root=/x"])
+
+
+def test_from_a_needs_an_a_net_and_no_cycles(tmp_path):
+    p = write(tmp_path, "augment: {crop: 32}\ntrain:\n  nets:\n    B: {arch: B, scale: 40, init: {from_A: train/C}}\n"
+                        "    C: {arch: C, scale: 40, init: {full: train/C2}}\n"
+                        "    C2: {arch: C, scale: 40, init: {full: train/C}}\n")
+    with pytest.raises(ConfigError, match=r"train\.nets\.B\.init: from_A needs an A net as the source, train/C is C"):
+        load_config(p, ["data.root=/x"])
+    p = write(tmp_path, "augment: {crop: 32}\ntrain:\n  nets:\n    C: {arch: C, scale: 40, init: {full: train/C2}}\n"
+                        "    C2: {arch: C, scale: 40, init: {full: train/C}}\n")
+    with pytest.raises(ConfigError, match="the init chain has a cycle"):
+        load_config(p, ["data.root=/x"])

@@ -200,6 +200,35 @@ def test_b_starts_from_a(trained_a, data, tmp_path):
     assert meta["origin"] == "initial" and meta["epoch"] is None
 
 
+
+@pytest.mark.parametrize("rest", [None, "random", "glorot"])
+def test_from_a_rest_initialises_the_other_layers(tmp_path, rest):
+    """`rest` picks the init of the layers A does not provide: N(0, init_std^2) by default
+    (the paper), or Glorot; the copied ones are A's either way (no Ray needed)."""
+    sec = section("B", "B", init={"from_A": "train/A", **({"rest": rest} if rest else {})})
+    t = sec["train"]
+    a_net = T.build_vgg("A", num_classes=CLASSES, width=t.width, crop=CROP, init="glorot")
+    a_out = Store(str(tmp_path)).begin("train/A", "k")
+    T.save_model(a_out, a_net, {"epoch": 3})
+    net, info = T.initial_model(sec, CLASSES, CROP, {"train/A": a_out})
+    torch.manual_seed(t.seed)
+    ref = T.build_vgg("B", num_classes=CLASSES, width=t.width, crop=CROP, dropout=t.dropout,
+                      init="glorot" if rest == "glorot" else "normal", init_std=t.init_std).state_dict()
+    state, a_state = net.state_dict(), a_net.state_dict()
+    assert len(info["copied"]) == 14 and info["source_epoch"] == 3
+    a_key = {"features.5": "features.3", "features.10": "features.6", "features.12": "features.8"}
+    for k in info["copied"]:
+        layer, p = k.rsplit(".", 1)
+        assert torch.equal(state[k], a_state[f"{a_key.get(layer, layer)}.{p}"])
+    others = [k for k in state if k not in info["copied"]]
+    assert others and all(torch.equal(state[k], ref[k]) for k in others)
+    conv1_2 = state["features.2.weight"]  # 4 -> 4 channels at width 1/8: fan_in = fan_out = 36
+    if rest == "glorot":
+        assert conv1_2.abs().max() <= (6 / 72) ** 0.5
+    else:
+        assert abs(conv1_2.std().item() - t.init_std) < 0.3 * t.init_std
+
+
 # ---------------------------------------------------------------- failures
 @pytest.mark.slow
 def test_killed_worker_restarts_from_the_last_checkpoint(trained_a, data, tmp_path, monkeypatch):
