@@ -9,8 +9,8 @@ import torchvision
 from torch import nn
 
 from stages.vgg import (
-    available_nets, build_vgg, conv_layers, conv_positions, fc_layers, init_from, load_full,
-    map_torchvision_state, net_config, register_net,
+    available_nets, build_vgg, conv_layers, conv_positions, fc_layers, forward_macs, init_from,
+    load_full, map_torchvision_state, net_config, register_net,
 )
 
 NETS = ("A", "A-LRN", "B", "C", "D", "E")
@@ -109,6 +109,32 @@ def test_exact_parameter_count_and_depth(name):
     assert [p for p, _ in fc_layers(net)] == ["classifier.0", "classifier.3", "classifier.6"]
     assert not any(isinstance(m, nn.AdaptiveAvgPool2d) for m in net.modules())
     assert (net.name, net.crop, net.width, net.num_classes) == (name, 224, 1.0, 1000)
+
+
+def hand_macs(name, width=1.0, crop=224, classes=1000):
+    """MACs from the layer table: every conv keeps the map size, every "M" halves it."""
+    side, c_in, macs = crop, 3, 0
+    for spec in net_config(name):
+        if spec == "M":
+            side //= 2
+        elif spec != "LRN":
+            c, k = (spec, 3) if isinstance(spec, int) else spec
+            c = max(1, round(c * width))
+            macs += side * side * c_in * c * k * k
+            c_in = c
+    hidden = max(1, round(4096 * width))
+    return macs + c_in * side * side * hidden + hidden * hidden + hidden * classes
+
+
+@pytest.mark.parametrize("name", NETS)
+def test_forward_macs(name):
+    """Conv + FC multiply-accumulates per image: the layer table's count, and at 224 the
+    figures of torchvision's model cards (vgg11/13/16/19: 7.61/11.31/15.47/19.63 G)."""
+    assert forward_macs(meta_build(name)) == hand_macs(name)
+    assert forward_macs(meta_build(name, width=0.5, crop=32, num_classes=10)) == hand_macs(name, 0.5, 32, 10)
+    if name in TORCHVISION:
+        gmacs = {"A": 7.61, "B": 11.31, "D": 15.47, "E": 19.63}[name]
+        assert round(forward_macs(meta_build(name)) / 1e9, 2) == gmacs
 
 
 # ---------------------------------------------------------------- forward
