@@ -124,6 +124,8 @@ class NetPlan:
     init: str | dict[str, str] = "random"
     #: Epoch budget of this net (None: train.max_epochs).
     epochs: int | None = None
+    #: Plateau patience of this net's lr schedule (None: train.lr_patience).
+    lr_patience: int | None = None
     #: Import released weights instead of training: a path or URI of a torchvision
     #: VGG state_dict (e.g. vgg16 for arch D). No training epochs run.
     weights: str | None = None
@@ -290,6 +292,8 @@ def _validate_train(cfg: PipelineConfig) -> None:
         _check(net.lr > 0, f"{key}.lr", "must be > 0")
         if net.epochs is not None:
             _check(net.epochs >= 0, f"{key}.epochs", "must be >= 0")
+        if net.lr_patience is not None:
+            _check(net.lr_patience >= 1, f"{key}.lr_patience", "must be >= 1")
         if isinstance(net.init, str):
             _check(net.init in ("random", "glorot"), f"{key}.init", f"must be random, glorot, {{from_A: train/<net>}} or {{full: train/<net>}}, got {net.init!r}")
         else:

@@ -104,8 +104,10 @@ class PlateauSchedule:
         self.bad_epochs, self.drops = int(state["bad_epochs"]), list(state["drops"])
 
 
-def schedule_of(t: TrainConfig, lr: float) -> PlateauSchedule:
-    return PlateauSchedule(lr, t.lr_factor, t.lr_patience, t.lr_threshold, t.max_lr_drops)
+def schedule_of(t: TrainConfig, net: NetPlan) -> PlateauSchedule:
+    """The plateau schedule of one net: the recipe's, with the net's own lr and patience."""
+    patience = t.lr_patience if net.lr_patience is None else net.lr_patience
+    return PlateauSchedule(net.lr, t.lr_factor, patience, t.lr_threshold, t.max_lr_drops)
 
 
 # ---------------------------------------------------------------- model files
@@ -365,7 +367,7 @@ def _restore(plan: WorkerPlan, device: torch.device, ctx, chief: Chief):
     net = ray.train.torch.prepare_model(net)  # DDP (world > 1); broadcasts rank 0's weights
     optimizer = torch.optim.SGD(net.parameters(), lr=plan.net.lr, momentum=t.momentum,
                                 weight_decay=t.weight_decay)
-    schedule = schedule_of(t, plan.net.lr)
+    schedule = schedule_of(t, plan.net)
     progress: dict[str, Any] = {"history": [], "best": None, "resumes": [], "workers": []}
     start = 0
     if state is not None:

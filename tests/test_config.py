@@ -143,3 +143,9 @@ def test_from_a_needs_an_a_net_and_no_cycles(tmp_path):
                         "    C2: {arch: C, scale: 40, init: {full: train/C}}\n")
     with pytest.raises(ConfigError, match="the init chain has a cycle"):
         load_config(p, ["data.root=/x"])
+
+
+def test_net_lr_patience_is_validated(tmp_path):
+    p = write(tmp_path, "augment: {crop: 32}\ntrain:\n  nets:\n    A: {arch: A, scale: 40, lr_patience: 0}\n")
+    with pytest.raises(ConfigError, match=r"train\.nets\.A\.lr_patience: must be >= 1"):
+        load_config(p, ["data.root=/x"])

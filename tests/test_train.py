@@ -136,6 +136,18 @@ def test_plateau_schedule_divides_at_the_right_epochs_at_most_three_times():
     assert a.state_dict() == b.state_dict()
 
 
+
+def test_a_net_may_override_the_plateau_patience():
+    t = TrainConfig(lr_patience=1, lr_threshold=0.005, lr_factor=0.1, max_lr_drops=3)
+    own = T.schedule_of(t, NetPlan(arch="B", lr=0.02, lr_patience=2))
+    default = T.schedule_of(t, NetPlan(arch="A", lr=0.01))
+    assert (own.lr, own.patience, own.threshold) == (0.02, 2, 0.005)
+    assert (default.lr, default.patience) == (0.01, 1)
+    accs = [0.50, 0.52, 0.522, 0.53, 0.532, 0.534]  # +0.2 points is not an improvement
+    assert [e for e, a in enumerate(accs) if default.step(a, e)] == [2, 4, 5]
+    assert [e for e, a in enumerate(accs) if own.step(a, e)] == [5]
+
+
 # ---------------------------------------------------------------- training
 @pytest.mark.slow
 def test_a_trains_two_epochs_on_two_workers(trained_a, data):
