@@ -252,7 +252,8 @@ def _execute(
         tracking.log_params(tracking.params_of(spec.section))
         ups = {u: inputs[u] for u in spec.upstream}
         mlflow.set_tags({f"input.{u}": f"{o.key} {o.uri}" for u, o in ups.items()})
-        ctx = StageContext(spec.id, spec.kind, spec.section, ups, tmp, info, key, store.scratch(spec.id, key))
+        ctx = StageContext(spec.id, spec.kind, spec.section, ups, tmp, info, key, store.scratch(spec.id, key),
+                           published_uri=store.output(spec.id, key).uri)
         try:
             result: StageResult = spec.load()(ctx)
             seconds = time.monotonic() - t0

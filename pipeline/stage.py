@@ -8,6 +8,7 @@ The runner does the rest: MLflow logging, publishing, caching.
 
 from __future__ import annotations
 
+import posixpath
 import sys
 import time
 from dataclasses import dataclass, field
@@ -41,6 +42,13 @@ class StageContext:
     #: A directory that survives an interrupted run of the same key (e.g. Ray
     #: Train checkpoints for resuming); <work_dir>/stages/<id>/_scratch/<key>.
     scratch: StageOutput | None = None
+    #: Where `out` will be once published (<work_dir>/stages/<id>/<key>): the URI to
+    #: record in manifests ("" when not run by the runner: then `out.uri`).
+    published_uri: str = ""
+
+    def final_uri(self, *parts: str) -> str:
+        """URI of a file of the output as it will be after publishing."""
+        return posixpath.join(self.published_uri or self.out.uri, *parts)
 
     def log(self, msg: str) -> None:
         """One progress line, prefixed with the stage id."""

@@ -710,7 +710,7 @@ def _finish(ctx: StageContext, net: VGG, meta: dict[str, Any], history: dict[str
                        final_train_loss=last["train_loss"], lr_drops=len(history["lr_drops"]),
                        resumes=len(history["resumes"]),
                        images_per_s=float(np.mean([r["images_per_s"] for r in history["epochs"]])))
-    manifest = {"model": {"uri": posixpath.join(ctx.out.uri, MODEL_FILE), "bytes": size, "sha256": sha},
+    manifest = {"model": {"uri": ctx.final_uri(MODEL_FILE), "bytes": size, "sha256": sha},
                 "arch": net.name, "width": net.width, "crop": net.crop, "num_classes": net.num_classes,
                 "epoch": meta["epoch"], "val_top1_err": meta["val_top1_err"],
                 "val_top5_err": meta["val_top5_err"], "origin": meta["origin"], **params}

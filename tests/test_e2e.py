@@ -3,7 +3,10 @@ re-running fusion alone, and the result tables in the parent MLflow run."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -50,6 +53,13 @@ def test_every_stage_runs_and_is_recorded(demo):
     client = MlflowClient(tracking_uri(cfg))
     arts = {a.path for a in client.list_artifacts(first.parent_run_id, "tables")}
     assert {"tables/table3.json", "tables/results.md", "tables/error_vs_depth.png"} <= arts
+    # a manifest's URIs point at the published output, not at the temporary one
+    for rec in first.records:
+        if rec.kind == "train":
+            out = Path(rec.output_uri)
+            model = json.loads((out / "manifest.json").read_text())["model"]
+            assert model["uri"] == str(out / "model.pt")
+            assert hashlib.sha256(Path(model["uri"]).read_bytes()).hexdigest() == model["sha256"]
 
 
 @pytest.mark.slow
