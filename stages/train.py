@@ -702,8 +702,10 @@ def _finish(ctx: StageContext, net: VGG, meta: dict[str, Any], history: dict[str
         artifacts.append("init.json")
     if size <= ARTIFACT_LIMIT:
         artifacts.append(MODEL_FILE)
-    metrics = {k: v for k, v in (("val_top1_err", meta["val_top1_err"]),
-                                 ("val_top5_err", meta["val_top5_err"])) if v is not None}
+    # "best_": the per-epoch series are val_top1_err etc.; a value logged under the same
+    # name at step 0 would hide among them (the UI shows the last epoch's).
+    metrics = {k: v for k, v in (("best_val_top1_err", meta["val_top1_err"]),
+                                 ("best_val_top5_err", meta["val_top5_err"])) if v is not None}
     if history["epochs"]:
         last = history["epochs"][-1]
         metrics.update(best_epoch=meta["epoch"], epochs=len(history["epochs"]),

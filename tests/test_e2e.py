@@ -60,6 +60,12 @@ def test_every_stage_runs_and_is_recorded(demo):
             model = json.loads((out / "manifest.json").read_text())["model"]
             assert model["uri"] == str(out / "model.pt")
             assert hashlib.sha256(Path(model["uri"]).read_bytes()).hexdigest() == model["sha256"]
+            # the selected epoch's error is its own metric, apart from the per-epoch series
+            run = client.get_run(rec.run_id)
+            assert run.data.metrics["best_val_top1_err"] == pytest.approx(
+                json.loads((out / "manifest.json").read_text())["val_top1_err"])
+            epochs = json.loads((out / "history.json").read_text())["epochs"]
+            assert len(client.get_metric_history(rec.run_id, "val_top1_err")) == len(epochs)
 
 
 @pytest.mark.slow
