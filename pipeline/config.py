@@ -68,6 +68,10 @@ class DataConfig:
     #: A local path or a pyarrow filesystem URI. None: the generated demo set.
     root: str | None = None
     demo: DemoDataConfig = field(default_factory=DemoDataConfig)
+    #: At most this many images per class of the training / validation split (None: all):
+    #: a seeded random subset (shard.seed), for runs sized to a small machine.
+    train_per_class: int | None = None
+    val_per_class: int | None = None
 
 
 @dataclass
@@ -215,6 +219,17 @@ class FuseConfig:
 
 
 @dataclass
+class ReportConfig:
+    """The report: Tables 3-6 with bootstrap intervals and the paper's claims judged."""
+
+    #: Bootstrap resamples of the validation images, for every interval.
+    bootstrap_samples: int = 1000
+    #: Coverage of the intervals.
+    confidence: float = 0.95
+    seed: int = 0
+
+
+@dataclass
 class PipelineConfig:
     #: Where every output lives: a local path or a filesystem URI (s3://...).
     work_dir: str = "./runs"
@@ -228,6 +243,7 @@ class PipelineConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     fuse: FuseConfig = field(default_factory=FuseConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
 
 
 # ---------------------------------------------------------------- checks
@@ -252,6 +268,9 @@ def validate(cfg: PipelineConfig) -> None:
         "data.demo.max_side",
         f"must be >= data.demo.min_side ({d.min_side}), got {d.max_side}",
     )
+    for split in ("train", "val"):
+        n = getattr(cfg.data, f"{split}_per_class")
+        _check(n is None or n >= 1, f"data.{split}_per_class", f"must be >= 1 (or null: all images), got {n}")
     s = cfg.shard
     _check(s.rows_per_shard >= 1, "shard.rows_per_shard", f"must be >= 1, got {s.rows_per_shard}")
     _check(1 <= s.jpeg_quality <= 100, "shard.jpeg_quality", f"must be in [1, 100], got {s.jpeg_quality}")
@@ -265,6 +284,10 @@ def validate(cfg: PipelineConfig) -> None:
         _check_scale(a.check_scale, a.crop, "augment.check_scale")
     _validate_train(cfg)
     _validate_evaluate(cfg)
+    r = cfg.report
+    _check(r.bootstrap_samples >= 100, "report.bootstrap_samples", f"must be >= 100, got {r.bootstrap_samples}")
+    _check(0.5 <= r.confidence < 1, "report.confidence", f"must be in [0.5, 1), got {r.confidence}")
+    _check(r.seed >= 0, "report.seed", f"must be >= 0, got {r.seed}")
     if cfg.ray.num_cpus is not None:
         _check(cfg.ray.num_cpus >= 1, "ray.num_cpus", "must be >= 1")
 

@@ -21,14 +21,12 @@ from typing import Any, Callable
 from pipeline.config import PipelineConfig, to_dict
 
 PACKAGE = "vgg-pipeline"
-#: Builds the paper's tables from evaluate/fuse outputs at the end of a run.
-REPORT = "stages.report:build_report"
 
 
 @dataclass(frozen=True)
 class StageSpec:
     id: str
-    kind: str  # shard | augment | train | evaluate | fuse
+    kind: str  # shard | augment | train | evaluate | fuse | report
     upstream: tuple[str, ...]
     #: The resolved config this stage depends on: {name: dataclass or value}.
     section: dict[str, Any]
@@ -114,6 +112,18 @@ def build_dag(cfg: PipelineConfig) -> dict[str, StageSpec]:
                 upstream=tuple(f"evaluate/{n}" for n in members),
                 section={"fuse": cfg.fuse},
                 entry="stages.fuse:run",
+                needs_ray=False,
+            )
+        )
+    results = tuple(s.id for s in stages if s.kind in ("evaluate", "fuse"))
+    if results:  # the paper's tables and claims from every evaluation and the fusion
+        stages.append(
+            StageSpec(
+                id="report",
+                kind="report",
+                upstream=results,
+                section={"report": cfg.report},
+                entry="stages.report:run",
                 needs_ray=False,
             )
         )

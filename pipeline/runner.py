@@ -7,10 +7,9 @@ MLflow and publishes the output atomically.
 
 from __future__ import annotations
 
-import importlib
 import os
+import posixpath
 import sys
-import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -19,9 +18,9 @@ import mlflow
 
 from pipeline import tracking
 from pipeline.config import PipelineConfig, to_dict
-from pipeline.dag import REPORT, StageSpec, build_dag, cache_key, package_version, upstream_closure
+from pipeline.dag import StageSpec, build_dag, cache_key, package_version, upstream_closure
 from pipeline.stage import StageContext, StageResult, TrackingInfo
-from pipeline.storage import StageOutput, Store, is_local, resolve_uri, write_json
+from pipeline.storage import StageOutput, Store, is_local, read_bytes, resolve_uri, write_json
 
 
 class PipelineError(RuntimeError):
@@ -167,7 +166,8 @@ def _run(
                     _say(f"{prefix} done in {rec.seconds:.1f} s -> {rec.output_uri}")
                 inputs[sid] = store.output(sid, key)
                 run.records.append(rec)
-            _log_report(inputs)
+            if "report" in inputs:
+                _log_report(inputs["report"])
         finally:
             _log_parent_end(run)
             if ray_started:
@@ -204,23 +204,15 @@ def _log_parent_end(run: PipelineRun) -> None:
     )
 
 
-def _log_report(outputs: dict[str, StageOutput]) -> None:
-    """The paper's tables (our analogues) from the evaluate/fuse outputs at hand, into the
-    parent run (tables, Markdown, plot) and on the console."""
-    results = {k: v for k, v in outputs.items() if k == "fuse" or k.startswith("evaluate/")}
-    if not results:
-        return
-    module, fn = REPORT.split(":")
-    build_report = getattr(importlib.import_module(module), fn)
-    with tempfile.TemporaryDirectory() as tmp:
-        png = os.path.join(tmp, "error_vs_depth.png")
-        report = build_report(results, png)
-        for name, table in report.tables.items():
-            mlflow.log_table(table, artifact_file=f"tables/{name}")
-        mlflow.log_text(report.markdown, "tables/results.md")
-        if os.path.exists(png):
-            mlflow.log_artifact(png, "tables")
-    print("\n" + report.markdown, flush=True)
+def _log_report(report: StageOutput) -> None:
+    """The report stage's tables, Markdown and plot, also into the parent run (where a
+    reader of the invocation looks first), and its Markdown on the console."""
+    for name in report.read_json("manifest.json").get("tables", []):
+        mlflow.log_table(report.read_json(posixpath.join("tables", name)), artifact_file=f"tables/{name}")
+    markdown = read_bytes(report.fs, report.join("results.md")).decode()
+    mlflow.log_text(markdown, "tables/results.md")
+    tracking.log_output_files(report, ["error_vs_depth.png"], "tables")
+    print("\n" + markdown, flush=True)
 
 
 def _reuse(store: Store, spec: StageSpec, key: str) -> StageRecord:
@@ -287,6 +279,8 @@ def _log_result(out: StageOutput, result: StageResult, seconds: float, section: 
     if result.params:
         tracking.log_params({k: str(v) for k, v in result.params.items()})
     mlflow.log_metrics({**result.metrics, "stage_seconds": seconds})
+    if result.tags:
+        mlflow.set_tags(result.tags)
     for name, table in result.tables.items():
         mlflow.log_table(table, artifact_file=name)
     # The resolved config travels with every output (STYLE: write it next to every artifact).

@@ -67,6 +67,8 @@ class StageResult:
     artifacts: list[str] = field(default_factory=list)
     #: Written to manifest.json in the output and logged as an artifact.
     manifest: dict[str, Any] = field(default_factory=dict)
+    #: MLflow tags of the stage run (e.g. a verdict that runs can be filtered by).
+    tags: dict[str, str] = field(default_factory=dict)
     #: One line for the console.
     summary: str = ""
 

@@ -48,6 +48,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator
 from nvidia.dali.tensors import TensorListCPU
 
 from pipeline.storage import is_local, resolve_uri, to_uri
+from stages import paper
 
 if TYPE_CHECKING:  # only for annotations: the stage entry imports them when it runs
     from pipeline.config import AugmentConfig
@@ -187,16 +188,13 @@ def parse_scale(scale: Scale, crop: int) -> tuple[int, int]:
 
 def center_scale(scale: Scale, crop: int) -> int:
     """Single test scale Q for a training scale: S, or (Smin+Smax)/2 if jittered."""
-    lo, hi = parse_scale(scale, crop)
-    return (lo + hi) // 2
+    return paper.scales_for_testing(*parse_scale(scale, crop), crop)[0]
 
 
-def eval_scales(scale: Scale, crop: int) -> tuple[int, int, int]:
-    """Multi-scale test Q (paper 4.2): {S-32, S, S+32} or {Smin, mid, Smax}."""
-    lo, hi = parse_scale(scale, crop)
-    if lo == hi:
-        return (max(crop, lo - 32), lo, lo + 32)
-    return (lo, (lo + hi) // 2, hi)
+def eval_scales(scale: Scale, crop: int) -> tuple[int, ...]:
+    """Multi-scale test Q (paper 4.2, stages.paper.scales_for_testing): {S-d, S, S+d} with the
+    paper's d = 32 scaled to the crop, or {Smin, mid, Smax}."""
+    return tuple(paper.scales_for_testing(*parse_scale(scale, crop), crop)[1])
 
 
 def resized_hw(h: np.ndarray, w: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

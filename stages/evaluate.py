@@ -43,7 +43,7 @@ import numpy as np
 from pipeline.config import EvaluateConfig, NetPlan
 from pipeline.stage import Progress, StageContext, StageResult
 from pipeline.storage import StageOutput, exists, write_json
-from stages.metrics import Posteriors, average, errors, write_posteriors
+from stages.metrics import Posteriors, average, errors, health, write_posteriors
 from stages.paper import EvalRow
 
 if TYPE_CHECKING:  # torch, DALI and the nets are imported where they run: the fuse and
@@ -59,6 +59,7 @@ MODES = tuple(f"{m}@{s}" for s in SCALES for m in METHODS)
 METHOD_SLUG = {"dense": "dense", "multi-crop": "multicrop", "multi-crop+dense": "multicrop_dense"}
 POSTERIORS_DIR = "posteriors"
 MODEL_FILE = "model.pt"
+HEALTH_FILE = "health.json"  # metrics.Health of the dense single-scale posteriors
 # Posteriors files are also logged to MLflow when they are this small in all (demo runs).
 LOG_POSTERIORS_MAX_BYTES = 16 << 20
 
@@ -78,9 +79,10 @@ def metric_name(mode: str, what: str) -> str:
 def q_sets(scale: int | Sequence[int], crop: int, cfg: EvaluateConfig) -> tuple[int, list[int]]:
     """(single Q, multi Qs) for a net trained at `scale` (Sec. 3.2 / 4.2), unless cfg gives them.
 
-    Fixed S: Q = S and {S-32, S, S+32}; jittered [Smin, Smax]: the middle and
-    {Smin, mid, Smax} (augment.center_scale / augment.eval_scales). A Q below the
-    crop is raised to the crop, and repeated Qs are dropped (e.g. S = crop).
+    Fixed S: Q = S and {S-d, S, S+d}, d = the paper's 32 px scaled to the crop (32 at
+    crop 224, 5 at crop 32); jittered [Smin, Smax]: the middle and {Smin, mid, Smax}
+    (stages.paper.scales_for_testing). A Q below the crop is raised to the crop, and repeated
+    Qs are dropped (e.g. S = crop).
     """
     from stages.augment import center_scale, eval_scales
 
@@ -418,6 +420,12 @@ def run(ctx: StageContext) -> StageResult:
     metrics.update(q_metrics)
     metrics.update(throughput(results, wall, len(all_q)))
     metrics["images"] = float(n_val)
+    # The collapse check on the paper's basic mode (Table 3): a net that learnt no classes
+    # must not pass for a weak one.
+    h = health(modes["dense@single"])
+    write_json(ctx.out.fs, ctx.out.join(HEALTH_FILE), dataclasses.asdict(h))
+    if h.collapsed:
+        ctx.log(f"WARNING: {name} {h.describe()}")
     files = [posteriors_file(m) for m in MODES]
     size = sum(ctx.out.fs.get_file_info(ctx.out.join(f)).size for f in files)
     best = min(rows, key=lambda r: r.top1)
@@ -427,10 +435,11 @@ def run(ctx: StageContext) -> StageResult:
                 "crops_per_scale": cfg.grid * cfg.grid * (2 if cfg.flips else 1),
                 "model_uri": model_uri},
         tables={"errors.json": table, "errors_per_q.json": q_table},
-        artifacts=["rows.json", *(files if size <= LOG_POSTERIORS_MAX_BYTES else [])],
+        tags={"collapsed": str(h.collapsed).lower(), "health": h.describe()},
+        artifacts=["rows.json", HEALTH_FILE, *(files if size <= LOG_POSTERIORS_MAX_BYTES else [])],
         manifest={"modes": list(MODES), "posteriors": {m: posteriors_file(m) for m in MODES},
                   "images": n_val, "classes": classes, "q_single": q_single, "q_multi": q_multi,
-                  "workers": workers, "model_uri": model_uri},
+                  "workers": workers, "model_uri": model_uri, "health": dataclasses.asdict(h)},
         summary=(f"{n_val} images; best {best.mode}: top-1 {best.top1:.1f}%"
                  + (f", top-5 {best.top5:.1f}%" if best.top5 is not None else "")
                  + f"; dense {metrics['dense_images_per_s']:.1f} images/s, multi-crop "

@@ -203,12 +203,14 @@ def _probs_matrix(col: pa.Array, n: int, k: int, path: str) -> np.ndarray:
 
 
 # ------------------------------------------------------------------ errors
-def topk_error(probs: np.ndarray, labels: np.ndarray, k: int) -> float:
-    """Fraction of images whose true class is not among the k highest scores.
+def topk_hits(probs: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """(N,) bool: whether each image's true class is among its k highest scores.
 
     Ties never help: the true class counts as within the top k only if fewer
     than k *other* classes score >= it (i.e. ties are broken against the true
-    class). So a constant row is an error for every k < K.
+    class). So a constant row is a miss for every k < K. A row with a non-finite
+    score is a miss (NaN compares false with everything, and would otherwise
+    have "-1 rivals").
     """
     probs, labels = np.asarray(probs), np.asarray(labels)
     if probs.ndim != 2 or labels.shape != (probs.shape[0],):
@@ -216,20 +218,129 @@ def topk_error(probs: np.ndarray, labels: np.ndarray, k: int) -> float:
     n, num_classes = probs.shape
     if not 1 <= k <= num_classes:
         raise ValueError(f"k = {k} is outside [1, K = {num_classes}]")
-    if n == 0:
-        raise ValueError("no images: the error of an empty set is undefined")
-    wrong = 0
+    hits = np.zeros(n, dtype=bool)
     for s in range(0, n, _CHUNK):  # blocks bound the (rows, K) boolean temporaries
         p, y = probs[s:s + _CHUNK], labels[s:s + _CHUNK]
         true = p[np.arange(len(y)), y]
         rivals = (p >= true[:, None]).sum(axis=1) - 1  # other classes scoring >= the true one
-        wrong += int((rivals >= k).sum())
-    return wrong / n
+        hits[s:s + _CHUNK] = (rivals < k) & np.isfinite(p).all(axis=1)
+    return hits
+
+
+def topk_error(probs: np.ndarray, labels: np.ndarray, k: int) -> float:
+    """Fraction of images whose true class is not among the k highest scores (`topk_hits`)."""
+    hits = topk_hits(probs, labels, k)
+    if hits.size == 0:
+        raise ValueError("no images: the error of an empty set is undefined")
+    return 1.0 - hits.sum() / hits.size
+
+
+def meaningful_topk(ks: Sequence[int], num_classes: int) -> list[int]:
+    """The k of `ks` whose top-k error says something with `num_classes` classes: k < K
+    (with K <= 5 classes the top-5 error is 0 for any net, so it is not reported)."""
+    return [k for k in ks if k < num_classes]
 
 
 def errors(post: Posteriors, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
-    """{"top1": ..., "top5": ...} as fractions; a k > K is left out (top5 needs K >= 5)."""
-    return {f"top{k}": topk_error(post.probs, post.labels, k) for k in ks if k <= post.num_classes}
+    """{"top1": ..., "top5": ...} as fractions; a k >= K is left out (see `meaningful_topk`)."""
+    return {f"top{k}": topk_error(post.probs, post.labels, k)
+            for k in meaningful_topk(ks, post.num_classes)}
+
+
+# ------------------------------------------------------------------ collapse
+#: A net is "collapsed" when fewer than this share of the classes is ever its top-1
+#: prediction (a trained net predicts nearly every class of a balanced validation set) ...
+MIN_CLASSES_PREDICTED = 0.8
+#: ... or when its posteriors hardly vary across images: the mean over classes of the
+#: standard deviation of p(class) across images, times K, is below this (a net that
+#: separates the classes well is near sqrt(K - 1); a constant output is 0).
+MIN_POSTERIOR_SPREAD = 0.1
+
+
+@dataclass(frozen=True)
+class Health:
+    """Whether a net's validation predictions show a collapse (it learnt no classes)."""
+
+    collapsed: bool
+    classes_predicted: int  # classes that are the top-1 prediction of at least one image
+    num_classes: int
+    top_class_share: float  # share of the images predicted as the most predicted class
+    posterior_spread: float  # see MIN_POSTERIOR_SPREAD
+    reason: str = ""
+
+    def describe(self) -> str:
+        base = (f"predicts {self.classes_predicted} of {self.num_classes} classes (the most "
+                f"frequent takes {self.top_class_share:.0%} of the images), posterior spread "
+                f"{self.posterior_spread:.2f}")
+        return f"COLLAPSED: {self.reason}; {base}" if self.collapsed else base
+
+
+def prediction_stats(probs: np.ndarray) -> np.ndarray:
+    """(3, K) float64 sums over images: top-1 prediction counts, p, p^2. Sums, so the
+    shares of distributed workers add up (`health_of` turns them into a verdict)."""
+    probs = np.asarray(probs, dtype=np.float64)
+    k = probs.shape[1]
+    counts = np.bincount(probs.argmax(axis=1), minlength=k).astype(np.float64)
+    return np.stack([counts, probs.sum(axis=0), (probs * probs).sum(axis=0)])
+
+
+def health_of(stats: np.ndarray) -> Health:
+    """The collapse verdict from `prediction_stats` sums (of softmax posteriors)."""
+    counts, p_sum, p_sq = np.asarray(stats, dtype=np.float64)
+    n, k = counts.sum(), len(counts)
+    if n <= 0:
+        raise ValueError("no images: cannot judge a net's predictions")
+    mean = p_sum / n
+    std = np.sqrt(np.maximum(p_sq / n - mean * mean, 0.0))
+    spread = float(std.mean() * k)
+    predicted = int((counts > 0).sum())
+    reasons = []
+    if predicted < max(2, MIN_CLASSES_PREDICTED * k):
+        reasons.append(f"only {predicted} of {k} classes are ever predicted")
+    if spread < MIN_POSTERIOR_SPREAD:
+        reasons.append("nearly the same posteriors for every image")
+    return Health(bool(reasons), predicted, k, float(counts.max() / n), spread, "; ".join(reasons))
+
+
+def health(post: Posteriors) -> Health:
+    """`health_of` the posteriors of one evaluation."""
+    return health_of(prediction_stats(post.probs))
+
+
+# ------------------------------------------------------------------ uncertainty
+def bootstrap_errors(hits: dict[str, np.ndarray], samples: int = 1000, seed: int = 0,
+                     chunk: int = 100) -> dict[str, np.ndarray]:
+    """Bootstrap replicates of the error of each member: name -> (samples,) fractions.
+
+    `hits`: name -> (N,) bool, per image whether the member got it right, all over the
+    same N images in the same order. Every member is scored on the *same* resamples of
+    the images (seeded), so replicates of two members can be subtracted: that is the
+    paired bootstrap of their difference. Deterministic for a given (N, samples, seed).
+    """
+    if not hits:
+        return {}
+    names = list(hits)
+    shapes = {np.shape(hits[m]) for m in names}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 1 or next(iter(shapes))[0] == 0:
+        raise ValueError(f"bootstrap needs hits of the same N > 0 images for every member, "
+                         f"got shapes {sorted(shapes)}")
+    h = np.stack([np.asarray(hits[m], dtype=np.float64) for m in names])  # (M, N)
+    n = h.shape[1]
+    rng = np.random.default_rng(seed)
+    out = np.empty((len(names), samples))
+    for s in range(0, samples, chunk):
+        b = min(chunk, samples - s)
+        idx = rng.integers(0, n, size=(b, n)) + np.arange(b)[:, None] * n
+        weights = np.bincount(idx.ravel(), minlength=b * n).reshape(b, n)  # (b, N) counts
+        out[:, s:s + b] = 1.0 - (h @ weights.T) / n
+    return dict(zip(names, out))
+
+
+def interval(replicates: np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the replicates."""
+    a = (1.0 - confidence) / 2
+    lo, hi = np.quantile(np.asarray(replicates), [a, 1.0 - a])
+    return float(lo), float(hi)
 
 
 # ------------------------------------------------------------------ averaging

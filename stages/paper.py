@@ -36,6 +36,28 @@ METHODS = ("dense", "multi-crop", "multi-crop+dense")
 SCALES = ("single", "multi")
 TRAIN_SCALES = ("256", "384", "256-512")  # the paper's, in table order
 JITTER = (256, 512)  # Sec. 3.1: S in [256, 512]
+PAPER_CROP = 224  # every pixel constant of the protocol is given for 224-px crops
+Q_OFFSET = 32  # Sec. 4.2: a net trained at fixed S is tested at Q = {S-32, S, S+32}
+
+
+def at_crop(pixels: int, crop: int) -> int:
+    """One of the paper's pixel constants (given for crop 224) translated to `crop`:
+    pixels * crop / 224, rounded (32 -> 32 at crop 224, 5 at crop 32, 9 at crop 64)."""
+    return max(1, int(pixels * crop / PAPER_CROP + 0.5))
+
+
+def scales_for_testing(smin: int, smax: int, crop: int) -> tuple[int, list[int]]:
+    """The paper's test scales (Sec. 3.2, 4.2) for a training scale [smin, smax] (smin = smax:
+    fixed S) at crop `crop`: (single Q, multi Qs). Fixed S: S and {S-d, S, S+d} with
+    d = 32 * crop / 224 (the paper's +-32 at crop 224, scaled with the crop); jittered:
+    the middle and {Smin, middle, Smax}. A Q below the crop is raised to it."""
+    mid = (smin + smax) // 2
+    if smin == smax:
+        d = at_crop(Q_OFFSET, crop)
+        multi = [smin - d, smin, smin + d]
+    else:
+        multi = [smin, mid, smax]
+    return mid, [max(crop, q) for q in multi]
 
 # (table, net, train scale, method) -> (top-1, top-5) error %, ILSVRC-2012 val.
 PAPER: dict[tuple[int, str, str, str], tuple[float, float]] = {
@@ -79,8 +101,13 @@ PAPER: dict[tuple[int, str, str, str], tuple[float, float]] = {
 # Table 6's top-5 errors on the ILSVRC test set, where the paper gives them.
 PAPER_TEST_TOP5 = {("7 nets", "dense"): 7.3, ("D+E", "dense"): 7.0, ("D+E", "multi-crop+dense"): 6.8}
 
-COLUMNS = ["net", "arch", "train S", "test Q", "method", "top-1", "top-5", "paper top-1", "paper top-5"]
-FUSION_COLUMNS = ["members", "top-1", "top-5", "paper top-1", "paper top-5"]
+CI = "95% CI"  # the bootstrap interval columns (filled by the report stage)
+COLUMNS = ["net", "arch", "train S", "test Q", "method", "top-1", f"top-1 {CI}", "top-5",
+           f"top-5 {CI}", "paper top-1", "paper top-5"]
+FUSION_COLUMNS = ["members", "top-1", f"top-1 {CI}", "top-5", f"top-5 {CI}", "paper top-1",
+                  "paper top-5"]
+#: Columns where None means "not applicable" (top-5 with 5 classes or fewer), not "no value".
+NA_COLUMNS = ("top-5",)
 
 
 # ------------------------------------------------------------------ keys
@@ -108,12 +135,11 @@ def paper_value(table: int, net: str, train_scale: Any, mode: str = "dense") -> 
 def paper_test_q(train_scale: Any, scales: str) -> list[int] | None:
     """The paper's test scales Q for a train scale (Sec. 3.2); None if it has no rule for it."""
     key = train_scale_key(train_scale)
-    if key == "256-512":
-        return [384] if scales == "single" else [256, 384, 512]
-    if key in ("256", "384"):
-        s = int(key)
-        return [s] if scales == "single" else [s - 32, s, s + 32]
-    return None
+    if key not in TRAIN_SCALES:
+        return None
+    bounds = [int(p) for p in key.split("-")]  # [S] or [Smin, Smax]
+    single, multi = scales_for_testing(bounds[0], bounds[-1], PAPER_CROP)
+    return [single] if scales == "single" else multi
 
 
 # ------------------------------------------------------------------ rows
@@ -128,7 +154,10 @@ class EvalRow:
     scales: str  # "single" | "multi"
     q: list[int]  # the test scales used
     top1: float
-    top5: float | None = None  # None when K < 5
+    top5: float | None = None  # None when K <= 5 (the top-5 error cannot be above 0)
+    #: Bootstrap intervals (percent) of top1 / top5, where computed (the report stage).
+    top1_ci: tuple[float, float] | None = None
+    top5_ci: tuple[float, float] | None = None
 
     def __post_init__(self):
         if self.arch not in DEPTH:
@@ -186,6 +215,8 @@ class FusionRow:
     members: list[str]
     top1: float
     top5: float | None = None
+    top1_ci: tuple[float, float] | None = None
+    top5_ci: tuple[float, float] | None = None
 
 
 def _paper_q_matches(row: EvalRow) -> bool:
@@ -261,7 +292,8 @@ def _table(rows: Sequence[EvalRow], table: int, keep) -> dict[str, list]:
     for r in sorted((r for r in rows if keep(r)), key=_sort_key):
         paper = paper_match(r, table)
         values = [r.net, r.arch, train_scale_key(r.train_scale), ",".join(map(str, r.q)), r.method,
-                  r.top1, r.top5, paper[0] if paper else None, paper[1] if paper else None]
+                  r.top1, ci_text(r.top1_ci), r.top5, ci_text(r.top5_ci),
+                  paper[0] if paper else None, paper[1] if paper else None]
         for c, v in zip(COLUMNS, values):
             out[c].append(v)
     return out
@@ -287,31 +319,37 @@ def table6(fusion_rows: Sequence[FusionRow], rows: Sequence[EvalRow] = ()) -> di
     out: dict[str, list] = {c: [] for c in FUSION_COLUMNS}
     for f in fusion_rows:
         paper = fusion_paper_match(f, rows)
-        values = [" + ".join(f.members), f.top1, f.top5,
+        values = [" + ".join(f.members), f.top1, ci_text(f.top1_ci), f.top5, ci_text(f.top5_ci),
                   paper[0] if paper else None, paper[1] if paper else None]
         for c, v in zip(FUSION_COLUMNS, values):
             out[c].append(v)
     return out
 
 
+def ci_text(ci: Sequence[float] | None) -> str | None:
+    """A bootstrap interval as table text: "[23.1, 26.0]" (percent), None if there is none."""
+    return None if ci is None else f"[{ci[0]:.1f}, {ci[1]:.1f}]"
+
+
 def to_markdown(table: dict[str, list], title: str = "") -> str:
-    """A column dict as a Markdown table; floats with 1 decimal, None as "-"."""
+    """A column dict as a Markdown table; floats with 1 decimal, None as "-" ("n/a" in the
+    NA_COLUMNS)."""
     cols = list(table)
     lengths = {len(v) for v in table.values()}
     if len(lengths) > 1:
         raise ValueError(f"columns of unequal length: { {c: len(v) for c, v in table.items()} }")
     n = lengths.pop() if lengths else 0
 
-    def cell(v: Any) -> str:
+    def cell(v: Any, col: str) -> str:
         if v is None:
-            return "-"
+            return "n/a" if col in NA_COLUMNS else "-"
         if isinstance(v, float):
             return f"{v:.1f}"
         return str(v).replace("|", "\\|")
 
     lines = [f"### {title}", ""] if title else []
     lines += ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    lines += ["| " + " | ".join(cell(table[c][i]) for c in cols) + " |" for i in range(n)]
+    lines += ["| " + " | ".join(cell(table[c][i], c) for c in cols) + " |" for i in range(n)]
     return "\n".join(lines) + "\n"
 
 

@@ -239,12 +239,33 @@ def rgb_statistics(npix: int, rgb_sum: np.ndarray, rgb_outer: np.ndarray) -> dic
 # ------------------------------------------------------------------ the stage function
 
 
-def shard(root: str, out: StageOutput, cfg: ShardConfig, log=print) -> dict:
-    """Shard an image folder into `out`; returns the manifest (see the module docstring)."""
+def subsample(listing: Listing, per_class: dict[str, int | None], seed: int) -> Listing:
+    """At most per_class[split] files of each class of each split: a seeded random subset,
+    in the listing's order (None: every file)."""
+    files = {}
+    for split, rows in listing.files.items():
+        limit = per_class.get(split)
+        if limit is None:
+            files[split] = rows
+            continue
+        rng = np.random.default_rng([seed, 0 if split == "train" else 1])
+        by_class: dict[str, list[int]] = {}
+        for i, (_, _, c) in enumerate(rows):
+            by_class.setdefault(c, []).append(i)
+        keep = sorted(j for idx in by_class.values()
+                      for j in (idx if len(idx) <= limit else rng.choice(idx, limit, replace=False)))
+        files[split] = [rows[j] for j in keep]
+    return Listing(listing.classes, files, listing.stray)
+
+
+def shard(root: str, out: StageOutput, cfg: ShardConfig, log=print,
+          per_class: dict[str, int | None] | None = None) -> dict:
+    """Shard an image folder into `out` (at most per_class[split] images of each class,
+    see `subsample`); returns the manifest (see the module docstring)."""
     import ray
 
     t0 = time.monotonic()
-    listing = list_image_folder(root)
+    listing = subsample(list_image_folder(root), per_class or {}, cfg.seed)
     classes = listing.classes
     label_of = {c: i for i, c in enumerate(classes)}
     recs = {
@@ -343,7 +364,8 @@ def run(ctx: StageContext) -> StageResult:
         root = posixpath.join(ctx.out.uri, "demo_data")
         n = demo_data.generate(ctx.out.fs, ctx.out.join("demo_data"), data.demo)
         ctx.log(f"generated the demo dataset: {n} images in {root}")
-    m = shard(root, ctx.out, cfg, log=ctx.log)
+    m = shard(root, ctx.out, cfg, log=ctx.log,
+              per_class={"train": data.train_per_class, "val": data.val_per_class})
     if data.root is None:
         m["root"] = "demo_data/ (generated inside this output)"
     metrics = {f"{s}_images": v["images"] for s, v in m["splits"].items()}

@@ -48,6 +48,7 @@ from torch import nn
 from pipeline.config import NetPlan, TrainConfig, to_dict
 from pipeline.stage import StageContext, StageResult
 from pipeline.storage import StageOutput, exists, read_bytes, resolve_uri, write_bytes, write_json
+from stages.metrics import Health, health_of, meaningful_topk
 from stages.vgg import VGG, build_vgg, init_from, load_full, map_torchvision_state
 
 MODEL_FILE = "model.pt"
@@ -337,7 +338,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         record["lr_dropped"] = schedule.step(record[SCORE], epoch)
         progress["history"].append(record)
         if progress["best"] is None or record[SCORE] >= progress["best"][SCORE]:  # ties: later (as Ray)
-            progress["best"] = {k: record[k] for k in ("epoch", SCORE, "val_top1_err", "val_top5_err")}
+            progress["best"] = {k: record.get(k) for k in ("epoch", SCORE, "val_top1_err",
+                                                             "val_top5_err", "val_health")}
         _checkpoint(plan, net, optimizer, schedule, progress, epoch, rank)
         chief.log_epochs([record])
         chief.say(_line(record, plan.epochs))
@@ -466,22 +468,26 @@ def _empty_batch(plan: WorkerPlan, device: torch.device) -> tuple[torch.Tensor, 
 
 
 def _hits(logits: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
-    """Top-k hits per k in TOPK; ties count against the true class (as stages.metrics)."""
+    """Top-k hits per k in TOPK; ties count against the true class and a row with a
+    non-finite score is a miss (as stages.metrics.topk_hits)."""
     true = logits.gather(1, labels[:, None])  # (B, 1)
     rivals = (logits >= true).sum(1) - 1  # other classes scoring >= the true one
-    return [(rivals < k).sum().double() for k in TOPK]
+    finite = torch.isfinite(logits).all(1)
+    return [((rivals < k) & finite).sum().double() for k in TOPK]
 
 
 @torch.no_grad()
 def evaluate(net: nn.Module, loader, plan: WorkerPlan, device: torch.device) -> torch.Tensor:
-    """Centre-crop validation over this rank's share; all-reduced [images, top-1 hits, top-5 hits].
+    """Centre-crop validation over this rank's share; all-reduced [images, top-1 hits,
+    top-5 hits, then the (3, K) `metrics.prediction_stats` sums, flattened] (for the
+    collapse check).
 
     Runs on the unwrapped net: ranks may see different numbers of batches, and DDP's
     forward would try to sync buffers with the others.
     """
-    t = plan.train
+    t, k = plan.train, plan.num_classes
     net.eval()
-    sums = torch.zeros(1 + len(TOPK), dtype=torch.float64, device=device)
+    sums = torch.zeros(1 + len(TOPK) + 3 * k, dtype=torch.float64, device=device)
     if loader.num_samples:
         for images, labels, _keys in loader:
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
@@ -489,8 +495,11 @@ def evaluate(net: nn.Module, loader, plan: WorkerPlan, device: torch.device) -> 
                 images = images.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.bf16):
                 logits = net(images).float()
-            sums += torch.stack([torch.tensor(float(len(labels)), device=device, dtype=torch.float64),
-                                 *_hits(logits, labels)])
+            probs = logits.softmax(1).double()  # (B, K)
+            counts = torch.bincount(logits.argmax(1), minlength=k).double()
+            sums += torch.cat([torch.tensor([float(len(labels))], device=device, dtype=torch.float64),
+                               torch.stack(_hits(logits, labels)),
+                               counts, probs.sum(0), (probs * probs).sum(0)])
     return _all_sum(sums)
 
 
@@ -499,14 +508,18 @@ def _epoch_record(epoch: int, lr: float, train: torch.Tensor, val: torch.Tensor,
     """One history entry; errors are fractions; top-k error is None for k > classes
     (as in stages.metrics.errors)."""
     loss, n, *hits = train.tolist()
-    nv, *vhits = val.tolist()
+    nv, *vhits = val[:1 + len(TOPK)].tolist()
     rec: dict[str, Any] = {"epoch": epoch, "lr": lr, "train_loss": loss / max(n, 1),
                            "train_images": int(n), "val_images": int(nv),
                            "images_per_s": n / max(train_s, 1e-9), "epoch_seconds": epoch_s}
+    shown = meaningful_topk(TOPK, num_classes)
     for k, h, vh in zip(TOPK, hits, vhits):
-        rec[f"train_top{k}_err"] = 1 - h / max(n, 1) if k <= num_classes else None
-        rec[f"val_top{k}_err"] = 1 - vh / max(nv, 1) if k <= num_classes else None
-    rec[SCORE] = 1 - rec["val_top1_err"]
+        rec[f"train_top{k}_err"] = 1 - h / max(n, 1) if k in shown else None
+        rec[f"val_top{k}_err"] = 1 - vh / max(nv, 1) if k in shown else None
+    rec[SCORE] = vhits[0] / max(nv, 1)
+    if nv:
+        rec["val_health"] = dataclasses.asdict(
+            health_of(np.asarray(val[1 + len(TOPK):].tolist()).reshape(3, num_classes)))
     return rec
 
 
@@ -642,7 +655,29 @@ def run(ctx: StageContext) -> StageResult:
                + (f", top-5 {best['val_top5_err']:.1%}" if best["val_top5_err"] is not None else "")
                + f"; final loss {last['train_loss']:.4f}, lr drops {len(history['lr_drops'])}, "
                f"{len(history['resumes'])} resume(s)")
-    return _finish(ctx, net, meta, history, params, summary)
+    result = _finish(ctx, net, meta, history, params, summary)
+    if best.get("val_health") is not None:
+        result.manifest["val_health"] = best["val_health"]
+        result.tags.update(collapse_tags(Health(**best["val_health"]), net_plan, ctx.log))
+    return result
+
+
+def collapse_tags(h: Health, net_plan: NetPlan, log) -> dict[str, str]:
+    """MLflow tags for the collapse check of a net's validation predictions; a collapse
+    is also said on the console, with its likely cause."""
+    if not h.collapsed:
+        return {"collapsed": "false", "health": h.describe()}
+    if net_plan.init_source is not None and "from_A" in net_plan.init and net_plan.random_init == "normal":
+        cause = ("likely cause: the layers A does not provide start at N(0, train.init_std^2), too "
+                 "small or large a signal for this depth (cf. fbcunn issue 75 on VGG-E); try "
+                 "init: {from_A: ..., rest: glorot}, another train.init_std, or more epochs")
+    elif net_plan.random_init == "normal" and net_plan.init_source is None:
+        cause = ("likely cause: N(0, train.init_std^2) initialisation of a deep net (the paper "
+                 "trains A first and copies its layers); try init: glorot or a lower lr")
+    else:
+        cause = "likely cause: too few epochs or too high a learning rate for this net"
+    log(f"WARNING: the net collapsed: {h.describe()}; {cause}")
+    return {"collapsed": "true", "health": f"{h.describe()}; {cause}"}
 
 
 def _trainer(plan: WorkerPlan, scratch: StageOutput):

@@ -109,7 +109,10 @@ def make_features(cfg: Sequence[LayerSpec], width: float = 1.0,
     c_in = 3  # RGB input (Sec. 2.1)
     for spec in cfg:
         if spec == "M":
-            layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+            # ceil_mode: Caffe's pooling output size, ceil((H - 2) / 2) + 1, which the authors'
+            # dense evaluation used; a side that is not a multiple of 32 keeps its last partial
+            # cell instead of losing up to 31 border pixels. Same output at multiples of 32.
+            layers.append(nn.MaxPool2d(kernel_size=2, stride=2, ceil_mode=True))
         elif spec == "LRN":  # AlexNet's constants (Krizhevsky et al. 2012)
             layers.append(nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=2.0))
         else:
@@ -179,9 +182,9 @@ class VGG(nn.Module):
         if min(x.shape[-2:]) < self.crop:
             raise ValueError(f"{self.name}: dense input {tuple(x.shape[-2:])} is smaller "
                              f"than the crop {self.crop} on a side")
-        h = self.features(x)  # (N, C5, H/32, W/32)
+        h = self.features(x)  # (N, C5, ceil(H/32), ceil(W/32)): ceil-mode pools lose no border
         fc1, fc2, fc3 = (m for _, m in fc_layers(self))
-        h = F.relu(F.conv2d(h, _as_conv(fc1, self.grid), fc1.bias))  # (N, 4096, H/32-g+1, .)
+        h = F.relu(F.conv2d(h, _as_conv(fc1, self.grid), fc1.bias))  # (N, 4096, ceil(H/32)-g+1, .)
         h = F.relu(F.conv2d(h, _as_conv(fc2, 1), fc2.bias))
         return F.conv2d(h, _as_conv(fc3, 1), fc3.bias)
 

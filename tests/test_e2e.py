@@ -48,11 +48,18 @@ def demo(ray_session, tmp_path_factory):
 def test_every_stage_runs_and_is_recorded(demo):
     cfg, _, first = demo
     kinds = {r.data.tags["stage"] for r in stage_runs(cfg)}
-    assert kinds == {"shard", "augment", "train", "evaluate", "fuse"}
+    assert kinds == {"shard", "augment", "train", "evaluate", "fuse", "report"}
     assert all(r.status == "ran" for r in first.records)
     client = MlflowClient(tracking_uri(cfg))
     arts = {a.path for a in client.list_artifacts(first.parent_run_id, "tables")}
-    assert {"tables/table3.json", "tables/results.md", "tables/error_vs_depth.png"} <= arts
+    assert {"tables/table3.json", "tables/claims.json", "tables/results.md",
+            "tables/error_vs_depth.png"} <= arts
+    # every train and evaluate run says whether its net collapsed; the report names them
+    report = next(r for r in stage_runs(cfg) if r.data.tags["stage"] == "report")
+    for r in stage_runs(cfg):
+        if r.data.tags["stage"] in ("train", "evaluate"):
+            assert r.data.tags["collapsed"] in ("true", "false") and r.data.tags["health"]
+    assert report.data.tags["claim2"] and "claims_held" in report.data.metrics
     # a manifest's URIs point at the published output, not at the temporary one
     for rec in first.records:
         if rec.kind == "train":
@@ -87,7 +94,25 @@ def test_fuse_alone_runs_exactly_one_stage(demo, capsys):
     assert time.monotonic() - t0 < 60
     new = [r for r in stage_runs(cfg) if r.info.run_id not in {b.info.run_id for b in before}]
     assert [r.data.tags["stage"] for r in new] == ["fuse"]
-    assert "Table 6" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_report_alone_rebuilds_tables_and_claims_from_saved_posteriors(demo, capsys):
+    cfg, overrides, first = demo
+    before = {r.info.run_id for r in stage_runs(cfg)}
+    t0 = time.monotonic()
+    assert main(["--config", str(DEMO), "--set", *overrides, "report.seed=1", "--stage", "report"]) == 0
+    assert time.monotonic() - t0 < 60
+    new = [r for r in stage_runs(cfg) if r.info.run_id not in before]
+    assert [r.data.tags["stage"] for r in new] == ["report"]
+    out = capsys.readouterr().out
+    assert "Table 5" in out and "The paper's claims, judged on this run" in out
+    # the same posteriors: the same errors as the first run's report, other resamples
+    first_report = next(r for r in first.records if r.stage_id == "report")
+    old = json.loads((Path(first_report.output_uri) / "tables" / "table3.json").read_text())
+    new_out = Path(new[0].data.tags["output_uri"])
+    new_t3 = json.loads((new_out / "tables" / "table3.json").read_text())
+    assert new_t3["top-1"] == old["top-1"]
 
 
 def test_stage_with_missing_upstream_says_how_to_produce_it(tiny_cfg):

@@ -97,7 +97,7 @@ def test_test_scales_follow_the_paper_and_the_config():
     cfg = EvaluateConfig()
     assert E.q_sets(256, 224, cfg) == (256, [224, 256, 288])
     assert E.q_sets([256, 512], 224, cfg) == (384, [256, 384, 512])
-    assert E.q_sets(32, 32, cfg) == (32, [32, 64])  # S - 32 < crop: raised, then deduplicated
+    assert E.q_sets(32, 32, cfg) == (32, [32, 37])  # S - 5 < crop: raised, then deduplicated
     assert E.q_sets(256, 224, EvaluateConfig(q_single=300, q_multi=[300, 240])) == (300, [240, 300])
     with pytest.raises(ValueError, match="at least two distinct"):
         E.q_sets(256, 224, EvaluateConfig(q_multi=[256]))
@@ -212,7 +212,7 @@ def test_report_from_evaluate_output(one_worker, tmp_path):
     ctx, _ = one_worker
     out = StageOutput("evaluate/a", "test", ctx.out.fs, ctx.out.path, ctx.out.uri)
     report = build_report({"evaluate/a": out}, tmp_path / "depth.png")
-    assert set(report.tables) == {"table3.json", "table4.json", "table5.json"}
+    assert set(report.tables) == {"table3.json", "table4.json", "table5.json", "claims.json"}
     assert report.tables["table3.json"]["method"] == ["dense", "multi-crop", "multi-crop+dense"]
     assert "Table 5" in report.markdown
     assert (tmp_path / "depth.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -131,7 +131,7 @@ def test_report_tables_markdown_and_plot(tmp_path, nets):
     png = tmp_path / "report" / "error_vs_depth.png"
     png.parent.mkdir()
     report = build_report(outputs, png)
-    assert set(report.tables) == {"table3.json", "table4.json", "table5.json", "table6.json"}
+    assert set(report.tables) == {"table3.json", "table4.json", "table5.json", "table6.json", "claims.json"}
     t3 = report.tables["table3.json"]
     # Table 3: single scale, every method; the paper's number only for dense at its Q.
     assert t3["net"] == ["A-256"] * 3 + ["D-jit"] * 3 + ["E-jit"] * 3

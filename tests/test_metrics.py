@@ -70,9 +70,11 @@ def test_topk_error_rejects_bad_k_and_empty():
         topk_error(np.zeros((0, 3), np.float32), np.zeros(0, np.int64), 1)
 
 
-def test_errors_skips_k_above_num_classes():
+def test_errors_leave_out_topk_that_cannot_miss():
+    # with K <= 5 classes every net has top-5 error 0: not applicable, not 0.0
     assert set(errors(make_post(k=3))) == {"top1"}
-    assert set(errors(make_post(k=5))) == {"top1", "top5"}
+    assert set(errors(make_post(k=5))) == {"top1"}
+    assert set(errors(make_post(k=6))) == {"top1", "top5"}
 
 
 def test_softmax_is_stable_and_normalised():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 
@@ -133,10 +134,14 @@ def test_to_markdown():
     md = to_markdown(table3(ROWS[:2]), "Table 3")
     lines = md.strip().splitlines()
     assert lines[0] == "### Table 3"
-    assert lines[2] == "| net | arch | train S | test Q | method | top-1 | top-5 | paper top-1 | paper top-5 |"
-    assert lines[3].count("---") == 9
-    assert lines[4] == "| A-256 | A | 256 | 256 | dense | 30.0 | 10.0 | 29.6 | 10.4 |"
-    assert lines[5] == "| demo-D | D | 32 | 32 | dense | 80.0 | - | - | - |"
+    assert lines[2] == ("| net | arch | train S | test Q | method | top-1 | top-1 95% CI | top-5 | "
+                        "top-5 95% CI | paper top-1 | paper top-5 |")
+    assert lines[3].count("---") == 11
+    assert lines[4] == "| A-256 | A | 256 | 256 | dense | 30.0 | - | 10.0 | - | 29.6 | 10.4 |"
+    # no top-5 with <= 5 classes: not applicable; no paper value: "-"
+    assert lines[5] == "| demo-D | D | 32 | 32 | dense | 80.0 | - | n/a | - | - | - |"
+    with_ci = dataclasses.replace(ROWS[0], top1_ci=(28.04, 31.96))
+    assert "| 80.0 | [28.0, 32.0] |" in to_markdown(table3([with_ci]))
     with pytest.raises(ValueError, match="unequal length"):
         to_markdown({"a": [1.0], "b": []})
 

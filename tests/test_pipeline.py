@@ -100,7 +100,7 @@ def test_failed_stage_leaves_nothing_reusable(ray_session, tiny_cfg, monkeypatch
 
     cfg = tiny_cfg()
 
-    def crash(root, out, cfg, log):
+    def crash(root, out, cfg, log, per_class=None):
         out.fs.create_dir(out.join("train"))
         with out.fs.open_output_stream(out.join("train", "half.parquet")) as f:
             f.write(b"partial")

@@ -185,6 +185,31 @@ def test_a_trains_two_epochs_on_two_workers(trained_a, data):
     for key in ("train_loss", "val_top1_err", "train_top1_err", "lr", "images_per_s", "epoch_seconds"):
         assert sorted(m.step for m in client.get_metric_history(ctx.tracking.run_id, key)) == [0, 1]
     assert client.get_metric_history(ctx.tracking.run_id, "val_top5_err") == []  # 3 classes < 5
+    # the checkpoint score is the accuracy; the collapse check sees every validation image
+    for r in epochs:
+        assert r["val_top1_acc"] == pytest.approx(1 - r["val_top1_err"])
+        assert r["val_health"]["num_classes"] == CLASSES
+        assert r["val_health"]["classes_predicted"] <= CLASSES
+    assert result.tags["collapsed"] in ("true", "false")
+    assert result.manifest["val_health"] == best["val_health"]
+
+
+def test_epoch_record_scores_accuracy_and_judges_collapse():
+    k, n = 4, 8
+    probs = torch.full((n, k), 0.25, dtype=torch.float64)  # a constant output
+    val = torch.cat([torch.tensor([n, 2.0, 8.0], dtype=torch.float64),
+                     torch.bincount(torch.zeros(n, dtype=torch.long), minlength=k).double(),
+                     probs.sum(0), (probs * probs).sum(0)])
+    train = torch.tensor([4.0, n, 3.0, 8.0], dtype=torch.float64)
+    rec = T._epoch_record(0, 0.01, train, val, 1.0, 2.0, k)
+    assert rec["val_top1_acc"] == 0.25 and rec["val_top1_err"] == 0.75
+    assert rec["val_top5_err"] is None  # 4 classes: top-5 cannot miss
+    assert rec["val_health"]["collapsed"] and rec["val_health"]["classes_predicted"] == 1
+
+
+def test_hits_count_non_finite_logits_as_misses():
+    logits = torch.tensor([[float("nan"), 1.0], [0.0, 1.0]])
+    assert [h.item() for h in T._hits(logits, torch.tensor([1, 1]))] == [1.0, 1.0]
 
 
 def test_b_starts_from_a(trained_a, data, tmp_path):

@@ -213,6 +213,41 @@ def test_dense_score_map_shape_on_non_square_input():
     torch.testing.assert_close(scores, score_map.mean(dim=(2, 3)))
 
 
+def _floor_pools(net):
+    """A copy of `net` whose max-pools round down (PyTorch's default, torchvision's VGG)."""
+    import copy
+
+    twin = copy.deepcopy(net)
+    for m in twin.features:
+        if isinstance(m, nn.MaxPool2d):
+            m.ceil_mode = False
+    return twin
+
+
+@pytest.mark.parametrize("hw", [(64, 64), (96, 160), (128, 96)])
+def test_ceil_pools_equal_floor_pools_at_multiples_of_32(hw):
+    net = lively(small("D", crop=32)).eval()
+    x = torch.randn(2, 3, *hw)
+    with torch.no_grad():
+        torch.testing.assert_close(net.dense(x), _floor_pools(net).dense(x))
+
+
+def test_dense_loses_no_border_at_sizes_not_multiple_of_32():
+    """Caffe's ceil rounding (the authors' dense evaluation): at 48 px the score map has 2
+    cells per side, the second one centred on the bottom/right third of the image; floor
+    pools give 1 cell, whose pool windows never reach the last 16 pixels."""
+    net = lively(small("A", crop=32)).eval()
+    x = torch.randn(1, 3, 48, 48)
+    y = x.clone()
+    y[..., 40:, 40:] += 3.0  # change only the bottom-right 8 x 8 corner
+    with torch.no_grad():
+        ceil_map, floor_map = net.dense(x), _floor_pools(net).dense(x)
+        assert ceil_map.shape[-2:] == (2, 2) and floor_map.shape[-2:] == (1, 1)
+        # the corner cell reacts most to the corner (it sees it through its own pool windows)
+        change = (net.dense(y) - ceil_map).abs().sum(1)[0]  # (2, 2)
+        assert change[1, 1] == change.max() and change[1, 1] > 0
+
+
 def test_dense_uses_the_classifier_parameters():
     net = lively(small("A"))
     n_params = sum(p.numel() for p in net.parameters())

@@ -1,0 +1,238 @@
+"""Results a researcher can trust: bootstrap intervals, the claims' verdicts, the small-scale
+test scales, the collapse detector, and the report built from saved posteriors alone."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.fs as pafs
+import pytest
+
+from pipeline.config import ReportConfig
+from pipeline.storage import StageOutput, write_json
+from stages import claims
+from stages.augment import center_scale, eval_scales
+from stages.claims import Comparison, judge, verdict
+from stages.metrics import (Posteriors, bootstrap_errors, health, health_of, interval, prediction_stats,
+                            topk_hits, write_posteriors)
+from stages.paper import EvalRow, FusionRow, at_crop, paper_test_q, scales_for_testing
+from stages.report import build_report
+
+N = 2000
+
+
+def hits_with(rate: float, n: int = N, seed: int = 1) -> np.ndarray:
+    """Exactly round(rate * n) hits, in a seeded random order."""
+    h = np.zeros(n, dtype=bool)
+    h[: round(rate * n)] = True
+    return np.random.default_rng(seed).permutation(h)
+
+
+# ---------------------------------------------------------------- bootstrap
+def test_bootstrap_interval_has_the_binomial_width_and_is_deterministic():
+    reps = bootstrap_errors({"m": hits_with(0.75)}, samples=2000, seed=0)["m"]
+    lo, hi = interval(reps)
+    se = np.sqrt(0.25 * 0.75 / N)  # binomial standard error of a 25% error rate
+    assert lo < 0.25 < hi
+    assert hi - lo == pytest.approx(2 * 1.96 * se, rel=0.1)
+    again = bootstrap_errors({"m": hits_with(0.75)}, samples=2000, seed=0)["m"]
+    assert np.array_equal(reps, again)
+    assert not np.array_equal(reps, bootstrap_errors({"m": hits_with(0.75)}, samples=2000, seed=1)["m"])
+
+
+def test_every_member_sees_the_same_resamples():
+    h = hits_with(0.6)
+    reps = bootstrap_errors({"a": h, "b": h.copy(), "c": hits_with(0.3)}, samples=500, seed=3)
+    assert np.array_equal(reps["a"], reps["b"])  # same images, same resamples
+    # the member set does not change a member's replicates
+    assert np.array_equal(reps["a"], bootstrap_errors({"a": h}, samples=500, seed=3)["a"])
+
+
+def test_paired_difference_excludes_zero_for_a_better_member_and_not_for_a_copy():
+    worse = hits_with(0.70)
+    better = worse.copy()
+    better[np.flatnonzero(~worse)[:100]] = True  # right on 100 more images (5 points), never worse
+    reps = bootstrap_errors({"better": better, "worse": worse, "copy": worse.copy()}, samples=1000)
+    lo, hi = interval(reps["better"] - reps["worse"])
+    assert hi < 0 and lo > -0.1
+    assert verdict(100 * lo, 100 * hi) == "held"
+    lo, hi = interval(reps["copy"] - reps["worse"])
+    assert lo <= 0 <= hi
+    assert verdict(100 * lo, 100 * hi) == "inconclusive"
+
+
+def test_bootstrap_rejects_members_of_different_sizes():
+    with pytest.raises(ValueError, match="same N"):
+        bootstrap_errors({"a": np.ones(10, bool), "b": np.ones(9, bool)})
+
+
+def test_topk_hits_count_nan_rows_as_misses():
+    probs = np.array([[np.nan, 0.5, 0.5], [0.1, 0.8, 0.1]])
+    assert topk_hits(probs, np.array([1, 1]), 1).tolist() == [False, True]
+
+
+# ---------------------------------------------------------------- verdicts
+@pytest.mark.parametrize("lo, hi, expect, want", [
+    (-3.0, -1.0, "lower", "held"),
+    (1.0, 3.0, "lower", "contradicted"),
+    (-1.0, 1.0, "lower", "inconclusive"),
+    (-3.0, -1.0, "no gain", "contradicted"),  # A-LRN significantly better than A
+    (-1.0, 1.0, "no gain", "held"),
+    (1.0, 3.0, "no gain", "held"),
+])
+def test_verdicts(lo, hi, expect, want):
+    assert verdict(lo, hi, expect) == want
+
+
+def row(net, arch, scale, method, scales, top1):
+    q = [40] if scales == "single" else [35, 40, 45]
+    return EvalRow(net, arch, scale, method, scales, q, top1)
+
+
+def ladder_rows() -> list[EvalRow]:
+    rows = []
+    for net, arch, scale in (("A", "A", 40), ("A-LRN", "A-LRN", 40), ("B", "B", 40), ("C", "C", 40),
+                             ("D", "D", 40), ("D-jit", "D", (36, 64))):
+        for scales in ("single", "multi"):
+            for method in ("dense", "multi-crop", "multi-crop+dense"):
+                rows.append(row(net, arch, scale, method, scales, 20.0))
+    return rows
+
+
+def test_comparisons_cover_every_claim_the_plan_allows():
+    rows = ladder_rows()
+    errors = {r.member_id: 0.2 for r in rows}
+    errors["D:multi-crop+dense@multi"] = 0.1
+    comps = claims.comparisons(rows, FusionRow(["D:multi-crop+dense@multi", "D-jit:dense@multi"], 9.0), errors)
+    labels = {c.claim: [] for c in comps}
+    for c in comps:
+        labels[c.claim].append(c.label)
+    assert labels[1] == ["A-LRN:dense@single vs A:dense@single"]
+    assert labels[2] == ["B:dense@single vs A:dense@single", "C:dense@single vs B:dense@single",
+                         "D:dense@single vs B:dense@single", "D:dense@single vs C:dense@single"]
+    assert labels[3] == ["D-jit:dense@single vs D:dense@single"]
+    assert len(labels[4]) == 3 * 6 and "D:dense@multi vs D:dense@single" in labels[4]
+    assert labels[5] == ["fusion vs D:multi-crop+dense@multi"]  # the best member
+    assert next(c for c in comps if c.claim == 1).expect == "no gain"
+
+
+def test_claims_without_comparisons_are_not_testable_and_name_what_they_need():
+    rows = [r for r in ladder_rows() if r.net in ("A", "B")]
+    comps = claims.comparisons(rows, None, {})
+    reps = {m: np.full(10, 0.2) for m in {r.member_id for r in rows}}
+    judged = judge(comps, reps, {m: 0.2 for m in reps})
+    missing = {r.claim: r.note for r in judged if r.verdict == "not testable"}
+    assert set(missing) == {1, 3, 5}
+    assert "A-LRN" in missing[1] and "jittered" in missing[3] and "fuse" in missing[5]
+    summary = claims.summary(judged)
+    assert summary[2] == "inconclusive" and summary[5] == "not testable"
+
+
+def test_judge_marks_collapsed_nets_and_metrics_are_mlflow_safe():
+    reps = {"B:dense@single": np.linspace(0.10, 0.12, 50), "A:dense@single": np.linspace(0.20, 0.22, 50)}
+    point = {"B:dense@single": 0.11, "A:dense@single": 0.21}
+    judged = judge([Comparison(2, "B:dense@single", "A:dense@single")], reps, point, collapsed=["A"])
+    r = next(x for x in judged if x.claim == 2)
+    assert r.verdict == "held" and r.diff == pytest.approx(-10.0) and "collapsed net: A" in r.note
+    metrics, tags = claims.metrics_and_tags(judged)
+    assert metrics["claim2.B_dense_single_vs_A_dense_single.diff"] == pytest.approx(-10.0)
+    assert tags["claim2"] == "held" and tags["claim1"] == "not testable"
+    import re
+    assert all(re.fullmatch(r"[A-Za-z0-9_.\- /]+", k) for k in [*metrics, *tags])
+
+
+# ---------------------------------------------------------------- test scales
+def test_q_sets_at_crop_224_are_the_papers():
+    assert scales_for_testing(256, 256, 224) == (256, [224, 256, 288])
+    assert scales_for_testing(384, 384, 224) == (384, [352, 384, 416])
+    assert scales_for_testing(256, 512, 224) == (384, [256, 384, 512])
+    assert paper_test_q(256, "multi") == [224, 256, 288] and paper_test_q("256-512", "single") == [384]
+
+
+def test_q_sets_scale_with_the_crop():
+    assert at_crop(32, 224) == 32 and at_crop(32, 32) == 5 and at_crop(32, 64) == 9
+    # S = 40 at crop 32: the literal +-32 gave {32, 40, 72}; scaled, Q stays near S
+    assert eval_scales(40, 32) == (35, 40, 45) and center_scale(40, 32) == 40
+    assert eval_scales((36, 64), 32) == (36, 50, 64)
+    assert eval_scales(33, 32) == (32, 33, 38)  # a Q below the crop is raised to it
+
+
+# ---------------------------------------------------------------- collapse
+def test_collapse_detector_on_a_constant_net_and_a_healthy_one():
+    rng = np.random.default_rng(0)
+    k, n = 5, 200
+    labels = np.arange(n) % k
+    const = np.tile(rng.dirichlet(np.ones(k)), (n, 1)).astype(np.float32)
+    h = health(Posteriors([str(i) for i in range(n)], labels, const, list("abcde")))
+    assert h.collapsed and h.classes_predicted == 1 and h.posterior_spread < 1e-3
+    assert "COLLAPSED" in h.describe()
+    logits = 4.0 * np.eye(k)[labels] + rng.normal(size=(n, k))
+    probs = (np.exp(logits) / np.exp(logits).sum(1, keepdims=True)).astype(np.float32)
+    good = health(Posteriors([str(i) for i in range(n)], labels, probs, list("abcde")))
+    assert not good.collapsed and good.classes_predicted == k and good.posterior_spread > 1
+    # three of five classes predicted (the demo's collapsed D): collapsed, whatever the spread
+    def only(m: int) -> np.ndarray:
+        p = probs.copy()
+        p[:, m:] = 0
+        return p / p.sum(1, keepdims=True)
+
+    assert health_of(prediction_stats(only(3))).collapsed
+    assert "only 3 of 5 classes" in health_of(prediction_stats(only(3))).reason
+    assert not health_of(prediction_stats(only(4))).collapsed
+
+
+def test_prediction_stats_of_shares_add_up():
+    probs = np.random.default_rng(1).dirichlet(np.ones(4), size=30)
+    whole = prediction_stats(probs)
+    assert np.allclose(prediction_stats(probs[:12]) + prediction_stats(probs[12:]), whole)
+
+
+# ---------------------------------------------------------------- the report from posteriors
+def _output(root, sid: str) -> StageOutput:
+    path = str(root / sid.replace("/", "_"))
+    pafs.LocalFileSystem().create_dir(path, recursive=True)
+    return StageOutput(sid, "k", pafs.LocalFileSystem(), path, path)
+
+
+def fake_evaluation(root, net: str, arch: str, scale, accuracy: float, classes: int = 10, n: int = 400):
+    """An evaluate output with rows.json, health.json and posteriors of every mode."""
+    from dataclasses import asdict
+
+    from stages.evaluate import MODES, posteriors_file
+
+    out = _output(root, f"evaluate/{net}")
+    rng = np.random.default_rng([ord(c) for c in net])
+    labels = np.arange(n) % classes
+    rows = []
+    for mode in MODES:
+        pred = np.where(rng.random(n) < accuracy, labels, (labels + 1) % classes)
+        probs = np.full((n, classes), 0.2 / (classes - 1), np.float32)
+        probs[np.arange(n), pred] = 0.8
+        post = Posteriors([f"k{i:04d}" for i in range(n)], labels, probs, [f"c{i}" for i in range(classes)])
+        write_posteriors(post, out.fs, out.join(posteriors_file(mode)))
+        method, scales = mode.split("@")
+        err = 100.0 * (1 - (pred == labels).mean())
+        rows.append(asdict(row(net, arch, scale, method, scales, err)))
+        if mode == "dense@single":
+            write_json(out.fs, out.join("health.json"), asdict(health(post)))
+    write_json(out.fs, out.join("rows.json"), rows)
+    return out
+
+
+def test_report_judges_claims_from_saved_posteriors(tmp_path):
+    outputs = {"evaluate/A": fake_evaluation(tmp_path, "A", "A", 40, 0.6),
+               "evaluate/B": fake_evaluation(tmp_path, "B", "B", 40, 0.9)}
+    report = build_report(outputs, tmp_path / "p.png", ReportConfig(bootstrap_samples=200))
+    t3 = report.tables["table3.json"]
+    assert all(ci.startswith("[") for ci in t3["top-1 95% CI"])
+    b_vs_a = next(r for r in report.claims if r.claim == 2)
+    assert b_vs_a.verdict == "held" and b_vs_a.hi < 0
+    assert "The paper's claims" in report.markdown and "| 2 |" in report.markdown
+    again = build_report(outputs, None, ReportConfig(bootstrap_samples=200))
+    assert again.claims == report.claims  # seeded: the same intervals every time
+
+
+def test_top5_with_five_classes_is_not_applicable(tmp_path):
+    outputs = {"evaluate/A": fake_evaluation(tmp_path, "A", "A", 40, 0.6, classes=5)}
+    for r in build_report(outputs).tables["table3.json"]["top-5 95% CI"]:
+        assert r is None
+    assert "n/a" in build_report(outputs).markdown
