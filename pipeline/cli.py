@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
+import tempfile
+import traceback
 from pathlib import Path
 
-from pipeline.config import DEFAULT_CONFIG, ConfigError, load_config
+from pipeline.config import DEFAULT_CONFIG, load_config
+from pipeline.errors import UserError
 
 EPILOG = """\
 stage ids:
@@ -63,6 +68,9 @@ def parser() -> argparse.ArgumentParser:
         help="override a config key, e.g. --set shard.rows_per_shard=500 (value parsed as YAML, type-checked)",
     )
     p.add_argument("--list", action="store_true", help="print the DAG with each stage's state and exit")
+    p.add_argument("--verbose", action="store_true",
+                   help="print the traceback of an expected error (config, dataset, diverged training, "
+                        "server, disk) on the console too")
     return p
 
 
@@ -94,9 +102,43 @@ def print_summary(run) -> None:
     print(f"MLflow parent run: {run.parent_run_id} (experiment id {run.experiment_id}, {run.tracking_uri})")
 
 
+def user_error(e: BaseException) -> BaseException | None:
+    """The user-fixable error behind `e` (itself, or the cause a Ray task wrapped), or None.
+
+    Expected: UserError (config, dataset, diverged training, ...), an unreachable server
+    (ConnectionError) and a full disk (ENOSPC, or SQLite's "database or disk is full")."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, (UserError, ConnectionError)) or _disk_full(e):
+            return getattr(e, "cause", None) if isinstance(getattr(e, "cause", None), BaseException) else e
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _disk_full(e: BaseException) -> bool:
+    return (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "database or disk is full" in str(e)
+
+
+def _message(e: BaseException) -> str:
+    if _disk_full(e):
+        where = getattr(e, "filename", None)
+        return (f"no space left on the device{f' holding {where}' if where else ''} ({e}); free "
+                "some space (or move work_dir) and run again: completed stages are reused")
+    return str(e)
+
+
+def _save_traceback(e: BaseException) -> str:
+    """The traceback in a file (not on the console); -> its path."""
+    fd, path = tempfile.mkstemp(prefix="vgg-pipeline-error-", suffix=".log")
+    with os.fdopen(fd, "w") as f:
+        traceback.print_exception(type(e), e, e.__traceback__, file=f)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from pipeline.runner import PipelineError, run_pipeline
+    from pipeline.runner import run_pipeline
 
     try:
         cfg_path = find_config(args.config)
@@ -105,8 +147,18 @@ def main(argv: list[str] | None = None) -> int:
             print_dag(cfg)
             return 0
         run = run_pipeline(cfg, args.stage, args.force, str(cfg_path))
-    except (ConfigError, PipelineError, ConnectionError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 - expected errors in one line, others as they are
+        known = user_error(e)
+        if known is None:
+            raise
+        if args.verbose:
+            traceback.print_exception(type(e), e, e.__traceback__)
+            print(f"error: {_message(known)}", file=sys.stderr)
+        elif not getattr(known, "keep_traceback", True):
+            print(f"error: {_message(known)}", file=sys.stderr)
+        else:
+            print(f"error: {_message(known)} (traceback: {_save_traceback(e)}; --verbose prints it)",
+                  file=sys.stderr)
         return 2
     print_summary(run)
     return 0

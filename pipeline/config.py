@@ -9,7 +9,9 @@ key, a wrong type, a missing required value or an impossible combination is a
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,11 +20,15 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
+from pipeline.errors import UserError
+
 DEFAULT_CONFIG = "configs/demo.yaml"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration problem, reported as '<source>: <dotted.key>: <what is wrong>'."""
+
+    keep_traceback = False
 
 
 # ---------------------------------------------------------------- sections
@@ -200,6 +206,10 @@ class EvaluateConfig:
     #: multi {S-32, S, S+32} for fixed S, {Smin, (Smin+Smax)/2, Smax} for jittered.
     q_single: int | None = None
     q_multi: list[int] | None = None
+    #: Max-pool output sizes in dense evaluation: "ceil" (Caffe's, which the authors used:
+    #: no border of an image whose sides are not multiples of 32 is lost) or "floor"
+    #: (PyTorch's default). Identical at multiples of 32; see the README for both measured.
+    pool_rounding: Literal["ceil", "floor"] = "ceil"
     #: Images per batch (dense batches group images of equal size).
     batch_size: int = 32
     #: Evaluate in this many Ray tasks (one per GPU when there are GPUs).
@@ -254,8 +264,24 @@ def _check(cond: bool, key: str, msg: str) -> None:
         raise ConfigError(f"{key}: {msg}")
 
 
+#: Net names become stage ids (train/<name>), folder names and MLflow keys: letters,
+#: digits, "_", "-" and ".", starting with a letter or digit.
+NET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
+
+
+def _check_seeds(obj: Any, prefix: str = "") -> None:
+    """Every `seed` of the config is a non-negative integer (numpy's seeds are)."""
+    for f in dataclasses.fields(obj):
+        value, key = getattr(obj, f.name), _join(prefix, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_seeds(value, key)
+        elif f.name == "seed":
+            _check(value >= 0, key, f"must be >= 0, got {value}")
+
+
 def validate(cfg: PipelineConfig) -> None:
     """Cross-field checks: impossible values fail here, before anything runs."""
+    _check_seeds(cfg)
     _check(bool(cfg.work_dir), "work_dir", "must not be empty")
     _check(bool(cfg.experiment), "experiment", "must not be empty")
     d = cfg.data.demo
@@ -278,6 +304,7 @@ def validate(cfg: PipelineConfig) -> None:
     _check(a.crop >= 32 and a.crop % 32 == 0, "augment.crop", f"must be a multiple of 32 (five 2x2 pools), got {a.crop}")
     _check(a.color_noise_std >= 0, "augment.color_noise_std", "must be >= 0")
     _check(a.num_threads >= 1, "augment.num_threads", "must be >= 1")
+    _check(a.prefetch >= 1, "augment.prefetch", f"must be >= 1, got {a.prefetch}")
     _check(a.check_batches >= 1, "augment.check_batches", "must be >= 1")
     _check(a.check_batch_size >= 1, "augment.check_batch_size", "must be >= 1")
     if a.check_scale is not None:
@@ -303,13 +330,21 @@ def _validate_train(cfg: PipelineConfig) -> None:
     _check(t.batch_size % t.num_workers == 0, "train.batch_size", f"must be a multiple of train.num_workers ({t.num_workers}): the global batch is split evenly, got {t.batch_size}")
     _check(0 < t.width <= 4, "train.width", f"must be in (0, 4], got {t.width}")
     _check(0 <= t.dropout < 1, "train.dropout", "must be in [0, 1)")
+    _check(0 <= t.momentum < 1, "train.momentum", f"must be in [0, 1), got {t.momentum}")
+    _check(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")
+    _check(t.init_std > 0, "train.init_std", f"must be > 0, got {t.init_std}")
+    _check(t.cpus_per_worker > 0, "train.cpus_per_worker", f"must be > 0, got {t.cpus_per_worker}")
+    _check(t.lr_threshold >= 0, "train.lr_threshold", f"must be >= 0, got {t.lr_threshold}")
+    _check(t.log_every >= 0, "train.log_every", f"must be >= 0 (0: no step lines), got {t.log_every}")
     _check(0 < t.lr_factor < 1, "train.lr_factor", "must be in (0, 1)")
     _check(t.max_lr_drops >= 0 and t.lr_patience >= 1, "train.lr_patience", "must be >= 1 (and max_lr_drops >= 0)")
     _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
     _check(t.max_failures >= 0, "train.max_failures", "must be >= 0")
     for name, net in t.nets.items():
         key = f"train.nets.{name}"
-        _check(bool(name) and "/" not in name and ":" not in name and "@" not in name, key, "net names may not contain / : @")
+        _check(NET_NAME.fullmatch(name) is not None, key,
+               f"net names are letters, digits, '_', '-' and '.', starting with a letter or digit "
+               f"(they become stage ids, folder names and MLflow keys), got {name!r}")
         _check(net.arch in ARCHS, f"{key}.arch", f"must be one of {list(ARCHS)}, got {net.arch!r}")
         _check_scale(net.scale, cfg.augment.crop, f"{key}.scale")
         _check(net.lr > 0, f"{key}.lr", "must be > 0")
@@ -351,6 +386,7 @@ def _validate_evaluate(cfg: PipelineConfig) -> None:
     crop = cfg.augment.crop
     _check(e.grid >= 1, "evaluate.grid", "must be >= 1")
     _check(e.batch_size >= 1 and e.num_workers >= 1, "evaluate.batch_size", "batch_size and num_workers must be >= 1")
+    _check(e.cpus_per_worker > 0, "evaluate.cpus_per_worker", f"must be > 0, got {e.cpus_per_worker}")
     if e.q_single is not None:
         _check(e.q_single >= crop, "evaluate.q_single", f"must be >= augment.crop ({crop})")
     if e.q_multi is not None:
@@ -445,6 +481,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         _check(ok, key, f"expected a number, got {value!r}")
+        _check(math.isfinite(value), key, f"must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         _check(isinstance(value, str), key, f"expected a string, got {type(value).__name__} {value!r}")

@@ -34,10 +34,20 @@ class StageSpec:
     entry: str
     #: Whether the stage needs a Ray cluster.
     needs_ray: bool = True
+    #: "module:function" taking the section: checks what can be checked before any work
+    #: starts (e.g. the dataset's layout), raising a UserError.
+    check: str | None = None
 
     def load(self) -> Callable:
-        module, fn = self.entry.split(":")
-        return getattr(importlib.import_module(module), fn)
+        return _resolve(self.entry)
+
+    def load_check(self) -> Callable | None:
+        return _resolve(self.check) if self.check else None
+
+
+def _resolve(entry: str) -> Callable:
+    module, fn = entry.split(":")
+    return getattr(importlib.import_module(module), fn)
 
 
 @lru_cache(maxsize=1)
@@ -69,6 +79,7 @@ def build_dag(cfg: PipelineConfig) -> dict[str, StageSpec]:
             upstream=(),
             section={"data": cfg.data, "shard": cfg.shard},
             entry="stages.shard:run",
+            check="stages.shard:check",
         ),
         StageSpec(
             id="augment",

@@ -18,13 +18,16 @@ import mlflow
 
 from pipeline import tracking
 from pipeline.config import PipelineConfig, to_dict
+from pipeline.errors import UserError
 from pipeline.dag import StageSpec, build_dag, cache_key, package_version, upstream_closure
 from pipeline.stage import StageContext, StageResult, TrackingInfo
 from pipeline.storage import StageOutput, Store, is_local, read_bytes, resolve_uri, write_json
 
 
-class PipelineError(RuntimeError):
+class PipelineError(UserError, RuntimeError):
     """A problem the user can fix (unknown stage, missing upstream output, ...)."""
+
+    keep_traceback = False
 
 
 @dataclass
@@ -87,6 +90,15 @@ def plan_keys(dag: dict[str, StageSpec], store: Store, selected: list[str]) -> d
     return keys
 
 
+def preflight(dag: dict[str, StageSpec], to_run: list[str]) -> None:
+    """The checks of the stages about to run (e.g. the dataset's layout), before MLflow
+    and Ray start: a bad input fails in a second, not after minutes of start-up."""
+    for sid in to_run:
+        check = dag[sid].load_check()
+        if check is not None:
+            check(dag[sid].section)
+
+
 def states(cfg: PipelineConfig) -> list[tuple[StageSpec, str, str]]:
     """(stage, current cache key, done|stale|missing) for every stage."""
     dag = build_dag(cfg)
@@ -123,6 +135,7 @@ def run_pipeline(
     selected = select(dag, stage_ids)
     store = Store(cfg.work_dir)
     keys = plan_keys(dag, store, selected)
+    preflight(dag, [s for s in selected if force or not store.is_complete(s, keys[s])])
     uri = tracking.tracking_uri(cfg)
     tracking.check_reachable(uri)
     with tracking.using_tracking_uri(uri):
@@ -142,6 +155,9 @@ def _run(
 ) -> PipelineRun:
     """The parent MLflow run: each selected stage reused or executed, then the report."""
     exp_id = tracking.setup_experiment(cfg, uri)
+    stale = tracking.mark_stale_runs(uri, exp_id, store.work_dir)
+    if stale:
+        _say(f"marked {len(stale)} MLflow run(s) of an interrupted invocation KILLED")
     inputs = {sid: store.output(sid, keys[sid]) for sid in keys if sid not in selected}
     ray_started = False
     name = "stage " + " ".join(selected) if partial else "pipeline"
@@ -157,13 +173,18 @@ def _run(
                     rec = _reuse(store, spec, key)
                     _say(f"{prefix} reused  (cache key {key}, {rec.output_uri})")
                 else:
-                    if spec.needs_ray and not ray_started:
-                        ray_started = connect_ray(cfg)
-                    _say(f"{prefix} running (cache key {key})")
-                    if force:  # a forced re-run starts over: no resuming from old checkpoints
-                        store.clear_scratch(sid, key)
-                    rec = _execute(store, spec, key, inputs, TrackingInfo(uri, exp_id, ""), cfg)
-                    _say(f"{prefix} done in {rec.seconds:.1f} s -> {rec.output_uri}")
+                    with store.claim(sid, key, lambda who: _say(f"{prefix} waiting: {who} is running it")):
+                        if not force and store.is_complete(sid, key):  # the other invocation made it
+                            rec = _reuse(store, spec, key)
+                            _say(f"{prefix} reused  (made by another invocation, {rec.output_uri})")
+                        else:
+                            if spec.needs_ray and not ray_started:
+                                ray_started = connect_ray(cfg)
+                            _say(f"{prefix} running (cache key {key})")
+                            if force:  # a forced re-run starts over: no resuming from old checkpoints
+                                store.clear_scratch(sid, key)
+                            rec = _execute(store, spec, key, inputs, TrackingInfo(uri, exp_id, ""), cfg)
+                            _say(f"{prefix} done in {rec.seconds:.1f} s -> {rec.output_uri}")
                 inputs[sid] = store.output(sid, key)
                 run.records.append(rec)
             if "report" in inputs:
@@ -182,7 +203,7 @@ def _log_parent_start(cfg: PipelineConfig, config_path: str, selected: list[str]
             "stages": " ".join(selected),
             "force": str(force),
             "package_version": package_version(),
-            "work_dir": store.work_dir,
+            **tracking.owner_tags(store.work_dir),
         }
     )
     tracking.log_params(tracking.params_of(to_dict(cfg)))
@@ -231,7 +252,8 @@ def _execute(
 ) -> StageRecord:
     store.sweep_tmp(spec.id, key)
     tmp = store.begin(spec.id, key)
-    tags = {"stage": spec.kind, "stage_id": spec.id, "cache_key": key, "package_version": package_version()}
+    tags = {"stage": spec.kind, "stage_id": spec.id, "cache_key": key, "package_version": package_version(),
+            **tracking.owner_tags(store.work_dir)}
     t0 = time.monotonic()
     with mlflow.start_run(
         experiment_id=info.experiment_id,

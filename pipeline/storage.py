@@ -6,6 +6,7 @@ Layout::
     <work_dir>/stages/<stage_id>/<cache_key>/_SUCCESS.json   written last
     <work_dir>/stages/<stage_id>/LATEST                      key of the newest one
     <work_dir>/stages/<stage_id>/_tmp/<key>-<nonce>/         work in progress
+    <work_dir>/stages/<stage_id>/_locks/<key>.lock           held while an invocation works on it
 
 A stage writes into a fresh temporary directory; on success it is moved to its
 final place and the `_SUCCESS.json` marker is written after the move. An output
@@ -18,11 +19,14 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import socket
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Iterator
 
+import filelock
 import pyarrow.fs as pafs
 
 MARKER = "_SUCCESS.json"
@@ -151,6 +155,36 @@ class Store:
         scratch = self.scratch(stage_id, key)
         if exists(self.fs, scratch.path):
             self.fs.delete_dir(scratch.path)
+
+    @contextmanager
+    def claim(self, stage_id: str, key: str, on_wait: Callable[[str], None] = lambda owner: None
+              ) -> Iterator[None]:
+        """Hold the lock of (stage, key) while working on it: two invocations on one work_dir
+        never run the same stage and key at once; the second waits (`on_wait` is told who
+        holds it) and then finds the output done. A file lock (flock, through `filelock`):
+        the OS releases it when its holder dies, kill -9 included, so no lock goes stale.
+        Local (and NFS) work_dirs; object stores have no locks."""
+        if not is_local(self.fs):
+            yield
+            return
+        path = os.path.join(self.stage_root(stage_id), "_locks", f"{key}.lock")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        lock, owner_file = filelock.FileLock(path), path + ".owner"
+        try:
+            lock.acquire(timeout=0)
+        except filelock.Timeout:
+            try:
+                with open(owner_file) as f:
+                    on_wait(f.read().strip())
+            except OSError:
+                on_wait("another invocation")
+            lock.acquire()
+        try:
+            with open(owner_file, "w") as f:
+                f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%H:%M:%S')}")
+            yield
+        finally:
+            lock.release()
 
     def discard(self, tmp: StageOutput) -> None:
         """Remove a temporary output (after a failure)."""

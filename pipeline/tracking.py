@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import socket
 import tempfile
 import time
 from contextlib import contextmanager
 from typing import Any, Iterator
 
+import filelock
 import mlflow
 from mlflow.tracking import MlflowClient
 
@@ -93,7 +95,28 @@ def using_tracking_uri(uri: str) -> Iterator[None]:
 
 
 def setup_experiment(cfg: PipelineConfig, uri: str) -> str:
-    """Create (if needed) the store and the experiment, in this process. -> experiment_id."""
+    """Create (if needed) the store and the experiment, in this process. -> experiment_id.
+
+    A fresh SQLite store is created under a file lock: two invocations creating it at once
+    both run MLflow's schema migrations, and both die (and leave a store every later run
+    dies on)."""
+    with _store_lock(uri):
+        return _setup_experiment(cfg, uri)
+
+
+@contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """An exclusive file lock beside a local SQLite store (none for other stores)."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    db = uri[len("sqlite:///"):]
+    os.makedirs(os.path.dirname(os.path.abspath(db)), exist_ok=True)
+    with filelock.FileLock(db + ".lock"):
+        yield
+
+
+def _setup_experiment(cfg: PipelineConfig, uri: str) -> str:
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(cfg.experiment)
     if exp is None:
@@ -106,6 +129,42 @@ def setup_experiment(cfg: PipelineConfig, uri: str) -> str:
     else:
         exp_id = exp.experiment_id
     return exp_id
+
+
+def owner_tags(work_dir: str) -> dict[str, str]:
+    """Tags naming the process that owns a run: how a later invocation tells that a
+    RUNNING run's process is gone (`mark_stale_runs`)."""
+    return {"owner.pid": str(os.getpid()), "owner.host": socket.gethostname(), "work_dir": work_dir}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def mark_stale_runs(uri: str, experiment_id: str, work_dir: str) -> list[str]:
+    """Mark KILLED the RUNNING runs of earlier invocations on this work_dir whose process
+    is gone (kill -9, a lost machine: nothing could mark them FAILED). Only runs owned by
+    a process of this host can be judged. -> their run ids."""
+    client = MlflowClient(uri)
+    host = socket.gethostname()
+    runs = client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'",
+                              max_results=5000)
+    stale = []
+    for r in runs:
+        tags = r.data.tags
+        if tags.get("work_dir") != work_dir or tags.get("owner.host") != host:
+            continue
+        pid = int(tags.get("owner.pid", "0") or 0)
+        if pid and pid != os.getpid() and not _alive(pid):
+            client.set_terminated(r.info.run_id, status="KILLED")
+            stale.append(r.info.run_id)
+    return stale
 
 
 def params_of(section: dict[str, Any]) -> dict[str, str]:

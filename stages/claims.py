@@ -42,8 +42,9 @@ NEEDS = {
 }
 FUSION = "fusion"  # the member id of the fused posteriors
 BASE_MODE = "dense@single"  # Table 3's protocol: nets are compared at their own single Q
-# Claim 2's orderings: (deeper or 3x3, shallower or 1x1), by architecture.
-DEPTH_PAIRS = (("B", "A"), ("C", "B"), ("D", "B"), ("E", "B"), ("D", "C"))
+# Claim 2's orderings A > B > C/D/E and D < C: (deeper or 3x3, [shallower or 1x1 nets,
+# in order of preference]); a deep net is compared with B, or with A where B is not trained.
+DEPTH_PAIRS = (("B", ("A",)), ("C", ("B", "A")), ("D", ("B", "A")), ("E", ("B", "A")), ("D", ("C",)))
 VERDICTS = ("held", "contradicted", "inconclusive", "not testable")
 
 
@@ -99,9 +100,10 @@ def comparisons(rows: Sequence[EvalRow], fusion: FusionRow | None,
         for lrn in archs.get("A-LRN", []):
             out += [Comparison(1, base(lrn), base(a), "no gain") for a in archs.get("A", [])]
     for archs in groups.values():
-        for deep, shallow in DEPTH_PAIRS:
-            out += [Comparison(2, base(x), base(y)) for x in archs.get(deep, [])
-                    for y in archs.get(shallow, [])]
+        for deep, shallower in DEPTH_PAIRS:
+            ref = next((a for a in shallower if archs.get(a)), None)
+            if ref is not None:
+                out += [Comparison(2, base(x), base(y)) for x in archs.get(deep, []) for y in archs[ref]]
     jittered = [r for r in rows if r.mode == BASE_MODE and isinstance(r.train_scale, tuple)]
     fixed = [r for r in rows if r.mode == BASE_MODE and not isinstance(r.train_scale, tuple)]
     out += [Comparison(3, j.member_id, f.member_id) for j in jittered for f in fixed if f.arch == j.arch]

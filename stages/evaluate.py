@@ -59,7 +59,7 @@ MODES = tuple(f"{m}@{s}" for s in SCALES for m in METHODS)
 METHOD_SLUG = {"dense": "dense", "multi-crop": "multicrop", "multi-crop+dense": "multicrop_dense"}
 POSTERIORS_DIR = "posteriors"
 MODEL_FILE = "model.pt"
-HEALTH_FILE = "health.json"  # metrics.Health of the dense single-scale posteriors
+HEALTH_FILE = "health.json"  # metrics.Health of the posteriors of the best mode
 # Posteriors files are also logged to MLflow when they are this small in all (demo runs).
 LOG_POSTERIORS_MAX_BYTES = 16 << 20
 
@@ -123,6 +123,7 @@ class ShareJob:
     threads: int = 0  # torch intra-op threads (0: leave as is)
     methods: tuple[str, ...] = BASE_METHODS
     name: str = "evaluate"  # prefix of progress lines
+    pool_rounding: str = "ceil"  # vgg.set_pool_rounding
 
 
 @dataclass
@@ -141,6 +142,7 @@ def evaluate_share(job: ShareJob) -> ShareResult:
     import torch
 
     from stages.augment import AugmentSpec, build_eval_loader
+    from stages.vgg import set_pool_rounding
 
     t_start = time.perf_counter()
     if job.threads:
@@ -152,7 +154,7 @@ def evaluate_share(job: ShareJob) -> ShareResult:
     from stages.train import load_model  # the train stage's model file format
 
     net, meta = load_model(job.model_uri)
-    net = net.to(device)
+    net = set_pool_rounding(net, job.pool_rounding).to(device)
     _check_model(net, meta, spec, job)
     acc: dict[tuple[str, int], list] = {(m, q): [] for m in job.methods for q in job.qs}
     seconds = dict.fromkeys(("decode", *job.methods), 0.0)
@@ -405,7 +407,7 @@ def run(ctx: StageContext) -> StageResult:
             f"{' with flips' if cfg.flips else ''}; {workers} worker(s)")
     job = ShareJob(model_uri, val, spec.to_dict(), all_q, tuple(classes), cfg.grid, cfg.flips,
                    cfg.batch_size, use_gpu=cfg.use_gpu, threads=max(1, int(cfg.cpus_per_worker)),
-                   name=ctx.stage_id)
+                   name=ctx.stage_id, pool_rounding=cfg.pool_rounding)
     t0 = time.monotonic()
     results = run_shares(job, workers, cfg.cpus_per_worker, log=ctx.log)
     wall = time.monotonic() - t0
@@ -420,9 +422,9 @@ def run(ctx: StageContext) -> StageResult:
     metrics.update(q_metrics)
     metrics.update(throughput(results, wall, len(all_q)))
     metrics["images"] = float(n_val)
-    # The collapse check on the paper's basic mode (Table 3): a net that learnt no classes
-    # must not pass for a weak one.
-    h = health(modes["dense@single"])
+    # The collapse check on the net's best mode: a net that learnt no classes must not pass
+    # for a weak one (and a weak mode, e.g. dense at a tiny crop, must not pass for a collapse).
+    h = health(modes[min(rows, key=lambda r: r.top1).mode])
     write_json(ctx.out.fs, ctx.out.join(HEALTH_FILE), dataclasses.asdict(h))
     if h.collapsed:
         ctx.log(f"WARNING: {name} {h.describe()}")

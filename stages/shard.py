@@ -25,6 +25,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import os
 import posixpath
 import time
 from dataclasses import dataclass
@@ -36,15 +37,18 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 
 from pipeline.config import DataConfig, ShardConfig
+from pipeline.errors import UserError
 from pipeline.stage import StageContext, StageResult
-from pipeline.storage import StageOutput, exists, resolve_uri, write_bytes, write_json
+from pipeline.storage import StageOutput, exists, is_local, resolve_uri, write_bytes, write_json
 
 VAL_DIRS = ("val", "test")  # accepted names of the validation split
 SHARD_COLUMNS = ["key", "label", "class_name", "image", "height", "width"]
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """The image folder is unusable as a whole (missing, empty, inconsistent)."""
+
+    keep_traceback = False
 
 
 @dataclass(frozen=True)
@@ -52,21 +56,66 @@ class Listing:
     classes: list[str]
     #: split -> list of (key, path, class name); key = path relative to the root.
     files: dict[str, list[tuple[str, str, str]]]
-    #: files found outside any class folder (skipped, reported)
-    stray: list[str]
+    #: (key, reason) of every entry left out: files outside a class folder, folders inside
+    #: one, names that are not UTF-8, broken links and link loops (all go to skipped.csv)
+    skipped: list[tuple[str, str]]
 
 
 # ------------------------------------------------------------------ listing
 
-
-def _subdirs(fs: pafs.FileSystem, path: str) -> list[str]:
-    infos = fs.get_file_info(pafs.FileSelector(path))
-    return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory and not i.base_name.startswith("."))
+LINK_PROBLEM = "broken symbolic link or link loop"
+NAME_PROBLEM = "file name is not valid UTF-8"
 
 
-def _files(fs: pafs.FileSystem, path: str) -> list[pafs.FileInfo]:
-    infos = fs.get_file_info(pafs.FileSelector(path))
-    return [i for i in infos if i.type == pafs.FileType.File and not i.base_name.startswith(".")]
+@dataclass(frozen=True)
+class _Entries:
+    files: list[tuple[str, str]]  # (name, path) of regular files (links followed)
+    dirs: list[tuple[str, str]]  # (name, path) of folders (links followed)
+    problems: list[tuple[str, str]]  # (name, reason) of entries that are neither
+
+
+def _entries(fs: pafs.FileSystem, path: str) -> _Entries:
+    """The entries of a folder, hidden ones left out, sorted by name; nothing dropped
+    silently. Local folders are read with os.scandir: pyarrow's listing leaves out broken
+    links and link loops, and fails on names that are not UTF-8."""
+    files, dirs, problems = [], [], []
+    if is_local(fs):
+        with os.scandir(os.fsencode(path)) as it:
+            for e in it:
+                name = e.name.decode("utf-8", "backslashreplace")
+                if name.startswith("."):
+                    continue
+                try:
+                    e.name.decode("utf-8")
+                except UnicodeDecodeError:
+                    problems.append((name, NAME_PROBLEM))
+                    continue
+                full = posixpath.join(path, name)
+                try:
+                    kind = "dir" if e.is_dir() else "file" if e.is_file() else None  # follows links
+                except OSError:  # ELOOP: a link loop
+                    kind = None
+                if kind == "dir":
+                    dirs.append((name, full))
+                elif kind == "file":
+                    files.append((name, full))
+                else:
+                    problems.append((name, LINK_PROBLEM if e.is_symlink() else "not a regular file"))
+    else:
+        for i in fs.get_file_info(pafs.FileSelector(path)):
+            try:
+                name, full = i.base_name, i.path
+            except UnicodeDecodeError:
+                problems.append(("<name that is not UTF-8>", NAME_PROBLEM))
+                continue
+            if name.startswith("."):
+                continue
+            kind = {pafs.FileType.Directory: dirs, pafs.FileType.File: files}.get(i.type)
+            if kind is None:
+                problems.append((name, "not a regular file"))
+            else:
+                kind.append((name, full))
+    return _Entries(sorted(files), sorted(dirs), sorted(problems))
 
 
 def list_image_folder(root: str) -> Listing:
@@ -80,29 +129,32 @@ def list_image_folder(root: str) -> Listing:
     val_name = next((v for v in VAL_DIRS if exists(fs, posixpath.join(base, v))), None)
     if val_name is None:
         raise DatasetError(f"data.root: no val/ (or test/) folder in {root}")
-    classes = _subdirs(fs, train)
+    classes = [name for name, _ in _entries(fs, train).dirs]
     if not classes:
         raise DatasetError(f"data.root: {train} has no class folders (expected train/<class>/*)")
     files: dict[str, list] = {}
-    stray: list[str] = []
+    skipped: list[tuple[str, str]] = []
     for split, folder in (("train", "train"), ("val", val_name)):
         split_path = posixpath.join(base, folder)
-        split_classes = _subdirs(fs, split_path)
-        if not split_classes:
+        top = _entries(fs, split_path)
+        if not top.dirs:
             raise DatasetError(f"data.root: {split_path} has no class folders")
-        unknown = sorted(set(split_classes) - set(classes))
+        unknown = sorted(set(n for n, _ in top.dirs) - set(classes))
         if unknown:
             raise DatasetError(f"data.root: classes {unknown} in {split_path} are absent from {train}")
-        stray += [posixpath.join(folder, i.base_name) for i in _files(fs, split_path)]
+        skipped += [(posixpath.join(folder, n), "file is not in a class folder") for n, _ in top.files]
+        skipped += [(posixpath.join(folder, n), why) for n, why in top.problems]
         rows = []
-        for name in split_classes:
-            cdir = posixpath.join(split_path, name)
-            found = _files(fs, cdir)
-            if not found:
-                raise DatasetError(f"data.root: class folder {cdir} is empty")
-            rows += [(posixpath.join(folder, name, i.base_name), i.path, name) for i in found]
+        for name, cdir in top.dirs:
+            inside = _entries(fs, cdir)
+            if not inside.files:
+                raise DatasetError(f"data.root: class folder {cdir} is empty (no files)")
+            key = lambda n: posixpath.join(folder, name, n)  # noqa: E731
+            rows += [(key(n), p, name) for n, p in inside.files]
+            skipped += [(key(n), "folder inside a class folder (not searched)") for n, _ in inside.dirs]
+            skipped += [(key(n), why) for n, why in inside.problems]
         files[split] = sorted(rows)
-    return Listing(classes, files, stray)
+    return Listing(classes, files, sorted(skipped))
 
 
 # ------------------------------------------------------------------ one image
@@ -255,7 +307,7 @@ def subsample(listing: Listing, per_class: dict[str, int | None], seed: int) -> 
         keep = sorted(j for idx in by_class.values()
                       for j in (idx if len(idx) <= limit else rng.choice(idx, limit, replace=False)))
         files[split] = [rows[j] for j in keep]
-    return Listing(listing.classes, files, listing.stray)
+    return Listing(listing.classes, files, listing.skipped)
 
 
 def shard(root: str, out: StageOutput, cfg: ShardConfig, log=print,
@@ -282,7 +334,7 @@ def shard(root: str, out: StageOutput, cfg: ShardConfig, log=print,
         .take_all()
     )
     info = {m["key"]: m for m in meta}
-    skipped = [(key, "file is not in a class folder") for key in listing.stray]
+    skipped = list(listing.skipped)
     skipped += [(m["key"], m["reason"]) for m in meta if not m["ok"]]
     converted = [(m["key"], m["reason"]) for m in meta if m["ok"] and m["reason"]]
     log(f"validated in {time.monotonic() - t0:.1f} s: {len(skipped)} skipped, {len(converted)} converted")
@@ -351,6 +403,14 @@ def _csv(rows: list[tuple]) -> bytes:
 
 
 # ------------------------------------------------------------------ DAG entry
+
+
+def check(section: dict) -> None:
+    """Preflight (before Ray starts): the image folder's layout, if one is given."""
+    data: DataConfig = section["data"]
+    if data.root is not None:
+        list_image_folder(data.root)
+
 
 
 def run(ctx: StageContext) -> StageResult:

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import NetPlan, TrainConfig, to_dict
+from pipeline.errors import UserError
 from pipeline.stage import StageContext, StageResult
 from pipeline.storage import StageOutput, exists, read_bytes, resolve_uri, write_bytes, write_json
 from stages.metrics import Health, health_of, meaningful_topk
@@ -64,6 +65,10 @@ TOPK = (1, 5)
 KILL_ENV = "VGG_TRAIN_KILL_AT"  # "epoch:step:rank:marker": SIGKILL that worker once
 HANG_ENV = "VGG_TRAIN_HANG_AFTER_EPOCH"  # "k": rank 0 stops after epoch k's checkpoint
 DEBUG_ENV = "VGG_TRAIN_DEBUG_DIR"  # dir: every rank writes the rows it trained on per epoch
+
+
+class TrainingDiverged(UserError, RuntimeError):
+    """The loss or the weights became non-finite: nothing is published."""
 
 
 # ---------------------------------------------------------------- lr schedule
@@ -330,7 +335,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         for group in optimizer.param_groups:
             group["lr"] = schedule.lr
         t0 = time.perf_counter()
-        train = train_one_epoch(net, loader, optimizer, steps, epoch, plan, device, chief, rank)
+        train, bad_step = train_one_epoch(net, loader, optimizer, steps, epoch, plan, device, chief, rank)
+        if bad_step is not None or not _finite_weights(net, device):
+            _report_divergence(epoch, bad_step, train, chief)  # every rank: the same all-reduced facts
+            break
         t1 = time.perf_counter()
         val = evaluate(_unwrap(net), val_loader, plan, device)
         record = _epoch_record(epoch, schedule.lr, train, val, t1 - t0, time.perf_counter() - t0,
@@ -409,8 +417,9 @@ def _loaders(plan: WorkerPlan, rank: int, world: int, device: torch.device, star
 
 
 def train_one_epoch(net: nn.Module, loader, optimizer, steps: int, epoch: int, plan: WorkerPlan,
-                    device: torch.device, chief: Chief, rank: int) -> torch.Tensor:
-    """One epoch of SGD; returns the all-reduced [loss sum, images, top-1 hits, top-5 hits].
+                    device: torch.device, chief: Chief, rank: int) -> tuple[torch.Tensor, int | None]:
+    """One epoch of SGD; returns the all-reduced [loss sum, images, top-1 hits, top-5 hits]
+    and the first step (on any rank) whose loss was not finite, or None.
 
     Every rank runs `steps` steps; a rank whose share ran out runs an empty batch, which
     takes part in DDP's gradient all-reduce with zero gradients and then applies the same
@@ -421,6 +430,8 @@ def train_one_epoch(net: nn.Module, loader, optimizer, steps: int, epoch: int, p
     """
     net.train()
     sums = torch.zeros(2 + len(TOPK), dtype=torch.float64, device=device)
+    # first step with a non-finite loss; kept on the device (no sync per step), read at the end
+    bad_step = torch.tensor(steps, dtype=torch.long, device=device)
     batches = iter(loader.epoch(epoch))
     rows: list[int] = []
     for step in range(steps):
@@ -433,6 +444,7 @@ def train_one_epoch(net: nn.Module, loader, optimizer, steps: int, epoch: int, p
             if plan.hooks.debug_dir is not None:
                 rows += batch[2]["row"].tolist()
         step_sums = _sgd_step(net, optimizer, images, labels, plan)
+        bad_step = torch.where(torch.isfinite(step_sums[0]), bad_step, bad_step.clamp(max=step))
         sums += step_sums
         if plan.train.log_every and (step + 1) % plan.train.log_every == 0:
             loss = step_sums[0].item() / max(len(labels), 1)
@@ -441,7 +453,23 @@ def train_one_epoch(net: nn.Module, loader, optimizer, steps: int, epoch: int, p
         raise RuntimeError("the training loader yielded more batches than it announced")
     if plan.hooks.debug_dir is not None:
         _write_debug(plan.hooks.debug_dir, epoch, rank, rows, steps)
-    return _all_sum(sums)
+    first_bad = _all_min(bad_step)
+    return _all_sum(sums), (first_bad if first_bad < steps else None)
+
+
+def _finite_weights(net: nn.Module, device: torch.device) -> bool:
+    """Whether every parameter is finite (identical on all ranks: DDP keeps them in sync)."""
+    ok = torch.stack([torch.isfinite(p).all() for p in net.parameters()]).all()
+    return bool(ok.to(device).item())
+
+
+def _report_divergence(epoch: int, step: int | None, sums: torch.Tensor, chief: Chief) -> None:
+    """Tell Ray Train (and so the driver) that training diverged; no checkpoint."""
+    import ray.train
+
+    where = f"epoch {epoch + 1}" + (f" step {step + 1}" if step is not None else "")
+    chief.say(f"training diverged at {where}: loss {sums[0].item() / max(sums[1].item(), 1):.4g}")
+    ray.train.report({"diverged": where, "epoch": epoch})
 
 
 def _sgd_step(net: nn.Module, optimizer, images: torch.Tensor, labels: torch.Tensor,
@@ -567,6 +595,14 @@ def _all_sum(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _all_min(x: torch.Tensor) -> int:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.MIN)
+    return int(x.item())
+
+
 def _all_max(n: int, device: torch.device) -> int:
     import torch.distributed as dist
 
@@ -643,6 +679,12 @@ def run(ctx: StageContext) -> StageResult:
                       len(classes), init_uri, epochs, ctx.tracking.tracking_uri, ctx.tracking.run_id,
                       Hooks.from_env())
     result = _trainer(plan, ctx.scratch).fit()
+    if result.metrics and result.metrics.get("diverged"):
+        raise TrainingDiverged(
+            f"{ctx.stage_id}: training diverged at {result.metrics['diverged']} (the loss or the "
+            f"weights became NaN or infinite); nothing is published. Lower the learning rate "
+            f"(train.nets.{ctx.section['name']}.lr = {net_plan.lr:g}) and run the stage again "
+            f"with --force (a rerun without it resumes from the last finite checkpoint)")
     best_state, last_state = _best_and_last(result)
     history = _history(last_state["progress"], last_state["schedule"])
     best = last_state["progress"]["best"]

@@ -193,6 +193,17 @@ class VGG(nn.Module):
         return self.dense(x).mean(dim=(-2, -1))
 
 
+def set_pool_rounding(net: VGG, rounding: str) -> VGG:
+    """"ceil" (Caffe's, the default: dense evaluation loses no border) or "floor" (PyTorch's
+    and torchvision's default) for every max-pool; the same at multiples of 32. -> net."""
+    if rounding not in ("ceil", "floor"):
+        raise ValueError(f"pool rounding must be 'ceil' or 'floor', got {rounding!r}")
+    for m in net.features:
+        if isinstance(m, nn.MaxPool2d):
+            m.ceil_mode = rounding == "ceil"
+    return net
+
+
 def _as_conv(fc: nn.Linear, k: int) -> torch.Tensor:
     """A Linear weight viewed as a k x k conv kernel (out, C, k, k); (C, H, W) flatten order."""
     return fc.weight.view(fc.out_features, -1, k, k)

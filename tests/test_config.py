@@ -22,7 +22,7 @@ def test_demo_config_loads_with_defaults():
     assert cfg.shard.rows_per_shard == 100
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "cifar10.yaml", "imagenet.yaml"])
+@pytest.mark.parametrize("name", ["demo.yaml", "cifar10.yaml", "cifar10_paper.yaml", "imagenet.yaml"])
 def test_shipped_configs_load(name):
     overrides = ["data.root=/data/x"] if name != "demo.yaml" else []
     cfg = load_config(ROOT / "configs" / name, overrides)
@@ -149,3 +149,35 @@ def test_net_lr_patience_is_validated(tmp_path):
     p = write(tmp_path, "augment: {crop: 32}\ntrain:\n  nets:\n    A: {arch: A, scale: 40, lr_patience: 0}\n")
     with pytest.raises(ConfigError, match=r"train\.nets\.A\.lr_patience: must be >= 1"):
         load_config(p, ["data.root=/x"])
+
+
+@pytest.mark.parametrize("override, key, what", [
+    ("train.nets.A.lr=1.0e+1000", "train.nets.A.lr", "finite"),  # YAML reads it as inf
+    ("train.nets.A.lr=.inf", "train.nets.A.lr", "finite"),
+    ("train.nets.A.lr=.nan", "train.nets.A.lr", "finite"),
+    ("train.nets.A.lr=0", "train.nets.A.lr", "> 0"),
+    ("train.momentum=-0.5", "train.momentum", r"\[0, 1\)"),
+    ("train.momentum=1.0", "train.momentum", r"\[0, 1\)"),
+    ("train.weight_decay=-1.0e-4", "train.weight_decay", ">= 0"),
+    ("train.cpus_per_worker=-1", "train.cpus_per_worker", "> 0"),
+    ("evaluate.cpus_per_worker=0", "evaluate.cpus_per_worker", "> 0"),
+    ("train.init_std=0", "train.init_std", "> 0"),
+    ("shard.seed=-1", "shard.seed", ">= 0"),
+    ("train.seed=-3", "train.seed", ">= 0"),
+    ("data.demo.seed=-1", "data.demo.seed", ">= 0"),
+    ("report.seed=-1", "report.seed", ">= 0"),
+    ("augment.color_noise_std=.inf", "augment.color_noise_std", "finite"),
+    ("data.train_per_class=0", "data.train_per_class", ">= 1"),
+])
+def test_bad_values_are_refused_at_load_time_naming_the_key(override, key, what):
+    with pytest.raises(ConfigError, match=rf"{key.replace('.', chr(92) + '.')}: .*{what}"):
+        load_config(DEMO, [override])
+
+
+@pytest.mark.parametrize("name", ["A+jit", "..", ".", "a/b", "a:b", "D@1", "a b", "a\x00b", "-x", "ü"])
+def test_net_names_must_work_as_stage_ids_paths_and_mlflow_keys(tmp_path, name):
+    p = write(tmp_path, "train:\n  nets:\n    " + repr(name).replace("'", '"') + ": {arch: A, scale: 40}\n"
+              "augment:\n  crop: 32\nevaluate:\n  nets: []\n")
+    with pytest.raises(ConfigError, match=r"letters, digits"):
+        load_config(p)
+    assert load_config(write(tmp_path, "augment:\n  crop: 32\ntrain:\n  nets:\n    D-jit_2.b: {arch: A, scale: 40}\n"))

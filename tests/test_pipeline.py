@@ -133,8 +133,17 @@ def test_killed_stage_is_rerun(ray_session, tiny_cfg, work_dir):
     cfg = tiny_cfg()
     assert state_of(cfg, "shard") == "missing"
     assert list(tmp_root.iterdir())  # the debris is there, and is not taken for an output
-    assert run_pipeline(cfg, ["shard"]).status_of("shard") == "ran"
+    client = MlflowClient(tracking_uri(cfg))
+    exp = client.get_experiment_by_name(cfg.experiment)
+    killed = client.search_runs([exp.experiment_id])
+    assert {r.info.status for r in killed} == {"RUNNING"}  # nothing could mark them
+    rerun = run_pipeline(cfg, ["shard"])
+    assert rerun.status_of("shard") == "ran"
     assert not list(tmp_root.iterdir())  # the re-run swept it
+    # the next invocation marked the dead one's parent and stage runs KILLED
+    after = {r.info.run_id: r.info.status for r in client.search_runs([exp.experiment_id])}
+    assert {after[r.info.run_id] for r in killed} == {"KILLED"} and len(killed) == 2
+    assert after[rerun.parent_run_id] == "FINISHED"
 
 
 def test_run_py_works_copied_alone(tmp_path, work_dir):

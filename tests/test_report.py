@@ -110,6 +110,10 @@ def test_comparisons_cover_every_claim_the_plan_allows():
     assert labels[2] == ["B:dense@single vs A:dense@single", "C:dense@single vs B:dense@single",
                          "D:dense@single vs B:dense@single", "D:dense@single vs C:dense@single"]
     assert labels[3] == ["D-jit:dense@single vs D:dense@single"]
+    no_b = [r for r in rows if r.arch != "B"]  # then C and D are compared with A
+    assert [c.label for c in claims.comparisons(no_b, None, {}) if c.claim == 2] == [
+        "C:dense@single vs A:dense@single", "D:dense@single vs A:dense@single",
+        "D:dense@single vs C:dense@single"]
     assert len(labels[4]) == 3 * 6 and "D:dense@multi vs D:dense@single" in labels[4]
     assert labels[5] == ["fusion vs D:multi-crop+dense@multi"]  # the best member
     assert next(c for c in comps if c.claim == 1).expect == "no gain"

@@ -170,3 +170,41 @@ def test_test_folder_is_the_validation_split(tmp_path, folder):
     (folder / "test").rename(folder / "other")
     with pytest.raises(DatasetError, match=r"no val/ \(or test/\) folder"):
         list_image_folder(str(folder))
+
+
+def test_odd_names_and_links_are_listed_as_skipped_never_dropped(tmp_path, folder):
+    """A file name that is not UTF-8, a broken link, two links pointing at each other and
+    a class folder linked into itself: each is a line of the skipped list, not a crash."""
+    import os
+
+    cat = folder / "train" / "cat"
+    (cat / "ok_link.jpg").symlink_to(cat / os.listdir(cat)[0])  # a good link is followed
+    with open(os.fsencode(cat) + b"/\xff\xfe.jpg", "wb") as f:
+        f.write(b"not even an image")
+    (cat / "loop1.jpg").symlink_to(cat / "loop2.jpg")
+    (cat / "loop2.jpg").symlink_to(cat / "loop1.jpg")
+    (cat / "broken.jpg").symlink_to(tmp_path / "missing.jpg")
+    (cat / "self").symlink_to(cat)
+    listing = list_image_folder(str(folder))
+    skipped = dict(listing.skipped)
+    assert skipped == {
+        "train/cat/\\xff\\xfe.jpg": "file name is not valid UTF-8",
+        "train/cat/loop1.jpg": "broken symbolic link or link loop",
+        "train/cat/loop2.jpg": "broken symbolic link or link loop",
+        "train/cat/broken.jpg": "broken symbolic link or link loop",
+        "train/cat/self": "folder inside a class folder (not searched)",
+    }
+    assert "train/cat/ok_link.jpg" in {k for k, _, _ in listing.files["train"]}
+
+
+def test_subsample_takes_a_seeded_subset_per_class(folder):
+    from stages.shard import subsample
+
+    listing = list_image_folder(str(folder))
+    small = subsample(listing, {"train": 2, "val": None}, seed=0)
+    per_class = {}
+    for _, _, c in small.files["train"]:
+        per_class[c] = per_class.get(c, 0) + 1
+    assert set(per_class.values()) == {2} and small.files["val"] == listing.files["val"]
+    assert subsample(listing, {"train": 2}, seed=0) == small
+    assert set(small.files["train"]) <= set(listing.files["train"])
