@@ -18,7 +18,8 @@ import time
 import torch
 
 from pipeline.storage import Store
-from stages.augment import AugmentSpec, build_eval_loader, grid_crops
+from stages.augment import AugmentSpec, build_eval_loader
+from stages.steps import grid_crops
 from stages.train import load_model
 from stages.vgg import set_pool_rounding
 

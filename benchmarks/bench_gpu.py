@@ -1,6 +1,20 @@
-"""GPU training throughput of the train stage: VGG-D at 224 with bf16 autocast and
-channels_last, fed by the DALI training loader with "mixed" (GPU, nvJPEG) decoding, and
-its model-FLOPs utilisation (MFU).
+"""GPU throughput of the train and evaluate stages' computations, and the model-FLOPs
+utilisation (MFU). Two modes:
+
+--synthetic: PyTorch and the project's model and step code only (stages.vgg,
+stages.steps: no DALI, Ray, MLflow or pyarrow import), random data, so it runs on a
+bare GPU box. Per net (A, B, C, D, E at 224 by default): the training step's images/s
+and MFU, eager and under torch.compile; dense and 150-crop multi-crop evaluation
+images/s over Q = {256, 384, 512}, in bf16 and in fp32; peak GPU memory.
+
+    python benchmarks/bench_gpu.py --synthetic                     # A-E, batch 128
+    python benchmarks/bench_gpu.py --synthetic --archs D --batch 256
+    python benchmarks/bench_gpu.py --synthetic --device cpu --archs A --width 0.125 --crop 32 \\
+        --q 32 40 48 --batch 8 --eval-images 4 --steps 2 --warmup 1 --no-compile   # toy check
+
+Default (DALI) mode: VGG-D at 224 with bf16 autocast and channels_last, fed by the DALI
+training loader with "mixed" (GPU, nvJPEG) decoding, on a GPU node with the project
+installed.
 
 Three figures, one GPU, one process (the stage's own code, without Ray Train around it;
 `bench_train.py` measures what Ray Train adds):
@@ -35,11 +49,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.config import DemoDataConfig, NetPlan, ShardConfig, TrainConfig  # noqa: E402
-from pipeline.storage import Store, write_json  # noqa: E402
-from stages import demo_data  # noqa: E402
-from stages import train as T  # noqa: E402
-from stages.augment import AugmentSpec, build_train_loader  # noqa: E402
+from stages.steps import Precision, Scorer, sgd_step  # noqa: E402
 from stages.vgg import build_vgg, forward_macs  # noqa: E402
 
 #: Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, from the vendors' data sheets.
@@ -57,7 +67,10 @@ def make_data(args, work: Path) -> tuple[str, dict]:
     """(shard dir, stats) of --data or of a generated folder, sharded by the shard stage."""
     import pyarrow.fs as pafs
 
+    from pipeline.config import DemoDataConfig, ShardConfig
     from pipeline.runner import start_local_ray
+    from pipeline.storage import Store, write_json
+    from stages import demo_data
     from stages.shard import shard
 
     root = args.data
@@ -87,8 +100,70 @@ def timed(fn, steps: int, batch: int, sync) -> float:
     return steps * batch / (time.perf_counter() - t0)
 
 
+def synthetic(args, device: torch.device, sync, name: str) -> None:
+    """The --synthetic mode (see the module docstring)."""
+    cuda = device.type == "cuda"
+    peak = args.peak_tflops or (peak_tflops(name) if cuda else None)
+    prec = Precision(args.bf16, args.channels_last)
+    print(f"{name}: synthetic data, width {args.width}, crop {args.crop}, batch {args.batch}, "
+          f"bf16 {args.bf16}, channels_last {args.channels_last}, Q {args.q}", flush=True)
+    print(f"{'net':<4} {'mode':<9} {'step img/s':>11} {'MFU %':>6} {'dense img/s':>12} "
+          f"{'dense fp32':>11} {'crops img/s':>12} {'peak GiB':>9}", flush=True)
+    for arch in args.archs:
+        torch.manual_seed(0)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        net = build_vgg(arch, num_classes=args.classes, width=args.width, crop=args.crop).to(device)
+        flops = 6 * forward_macs(net)  # training FLOPs per image: 3 x 2 x the forward MACs
+        images = torch.randn(args.batch, 3, args.crop, args.crop, device=device)
+        labels = torch.randint(0, args.classes, (args.batch,), device=device)
+        for mode in ("eager", "compiled") if args.compile else ("eager",):
+            model = prec.net(net.train())
+            run = torch.compile(model) if mode == "compiled" else model
+            opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
+            step = lambda: sgd_step(run, opt, images, labels, args.batch, prec)  # noqa: E731
+            timed(step, args.warmup, args.batch, sync)  # compilation and cuDNN autotuning
+            rate = timed(step, args.steps, args.batch, sync)
+            mfu = f"{100 * rate * flops / (peak * 1e12):6.1f}" if peak else f"{'n/a':>6}"
+            evals = _eval_rates(net, args, device, sync, compile=mode == "compiled")
+            mem = f"{torch.cuda.max_memory_allocated() / 2**30:9.1f}" if cuda else f"{'-':>9}"
+            print(f"{arch:<4} {mode:<9} {rate:11.1f} {mfu} {evals['dense']:12.1f} "
+                  f"{evals['dense_fp32']:11.1f} {evals['multi-crop']:12.1f} {mem}", flush=True)
+
+
+def _eval_rates(net, args, device, sync, compile: bool) -> dict[str, float]:
+    """Evaluation images/s over all Q (each image scored at every Q, as the evaluate stage
+    does): dense at the run's precision and in fp32, and 5x5 multi-crop with flips."""
+    n = args.eval_images
+    batches = [torch.randn(n, 3, q, q * 4 // 3, device=device) for q in args.q]  # 4:3 images
+    out = {}
+    for key, prec in (("dense", Precision(args.bf16, args.channels_last)), ("dense_fp32", Precision()),
+                      ("multi-crop", Precision(args.bf16, args.channels_last))):
+        scorer = Scorer.of(net, prec, compile)
+        if key == "multi-crop":
+            def fn():
+                return [scorer.multicrop_probs(b, 5, True, args.eval_batch) for b in batches]
+        else:
+            def fn():
+                return [scorer.dense_probs(b, True) for b in batches]
+        with torch.inference_mode():
+            timed(fn, 1, n, sync)
+            out[key] = timed(fn, args.eval_steps, n, sync)
+    return out
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--synthetic", action="store_true",
+                   help="random data, torch and the model/step code only (no DALI, Ray, MLflow)")
+    p.add_argument("--archs", nargs="+", default=["A", "B", "C", "D", "E"], help="--synthetic: the nets")
+    p.add_argument("--q", type=int, nargs="+", default=[256, 384, 512], help="--synthetic: test scales")
+    p.add_argument("--eval-images", type=int, default=32, help="--synthetic: images per evaluation batch")
+    p.add_argument("--eval-batch", type=int, default=250, help="--synthetic: crops per multi-crop forward pass")
+    p.add_argument("--eval-steps", type=int, default=3, help="--synthetic: timed evaluation passes")
+    p.add_argument("--no-compile", dest="compile", action="store_false",
+                   help="--synthetic: eager only (torch.compile takes minutes per net)")
+
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu (a toy-size check of the script)")
     p.add_argument("--arch", default="D")
     p.add_argument("--width", type=float, default=1.0)
@@ -119,6 +194,17 @@ def main(argv=None) -> None:
     if cuda:
         torch.backends.cudnn.benchmark = True
     name = torch.cuda.get_device_name(0) if cuda else "CPU"
+    if args.synthetic:
+        synthetic(args, device, sync, name)
+        return
+    dali_main(args, device, sync, name, cuda)
+
+
+def dali_main(args, device, sync, name: str, cuda: bool) -> None:
+    """The default mode: the DALI loader, the stage's step and its epoch loop."""
+    from pipeline.config import NetPlan, TrainConfig
+    from stages import train as T
+    from stages.augment import AugmentSpec, build_train_loader
 
     with tempfile.TemporaryDirectory(prefix="bench_gpu_") as tmp:
         shards, stats = make_data(args, Path(tmp))

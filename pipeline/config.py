@@ -188,6 +188,9 @@ class TrainConfig:
     #: bf16 autocast and channels_last (GPU speed; both work on CPU too).
     bf16: bool = False
     channels_last: bool = False
+    #: torch.compile the training net (GPU speed; minutes of compilation first, so off by
+    #: default and not worth it on a CPU). Checkpoints load either way.
+    compile: bool = False
     seed: int = 0
     #: Log a progress line every this many steps.
     log_every: int = 50
@@ -215,6 +218,11 @@ class EvaluateConfig:
     #: Evaluate in this many Ray tasks (one per GPU when there are GPUs).
     num_workers: int = 1
     use_gpu: bool = False
+    #: bf16 autocast, channels_last and torch.compile, as train.bf16 / channels_last / compile
+    #: (posteriors are computed in float32 from the bf16 scores).
+    bf16: bool = False
+    channels_last: bool = False
+    compile: bool = False
     cpus_per_worker: float = 1.0
     #: Only these nets (None: every net of train.nets).
     nets: list[str] | None = None

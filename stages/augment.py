@@ -49,6 +49,7 @@ from nvidia.dali.tensors import TensorListCPU
 
 from pipeline.storage import is_local, resolve_uri, to_uri
 from stages import paper
+from stages.steps import grid_crops
 
 if TYPE_CHECKING:  # only for annotations: the stage entry imports them when it runs
     from pipeline.config import AugmentConfig
@@ -204,15 +205,6 @@ def resized_hw(h: np.ndarray, w: np.ndarray, s: np.ndarray) -> tuple[np.ndarray,
     long_side = np.floor(np.maximum(h, w) * s / short + 0.5).astype(np.int64)
     long_side = np.maximum(long_side, s)
     return np.where(h <= w, s, long_side), np.where(h <= w, long_side, s)
-
-
-def grid_positions(length: int, crop: int, g: int) -> np.ndarray:
-    """g offsets of crop windows evenly spaced from 0 to length-crop (g=1: centre)."""
-    if crop > length:
-        raise ValueError(f"crop={crop} larger than the rescaled side {length}")
-    if g == 1:
-        return np.array([(length - crop) // 2])
-    return np.floor(np.linspace(0, length - crop, g) + 0.5).astype(np.int64)
 
 
 # --------------------------------------------------------------------------
@@ -881,16 +873,6 @@ class EvalLoader(_Loader):
             if self.mode == "multicrop":
                 images = grid_crops(images, self.spec.crop, self.grid, self.flips)
             yield images, labels, [keys.pop(r) for r in rows]
-
-
-def grid_crops(images: torch.Tensor, crop: int, g: int, flips: bool) -> torch.Tensor:
-    """(B, C, H, W) -> (B, g*g[*2], C, crop, crop): a g x g regular grid of windows
-    from (0, 0) to (H-crop, W-crop) (g=1: the centre), then their flips."""
-    _, _, h, w = images.shape
-    ys, xs = grid_positions(h, crop, g), grid_positions(w, crop, g)
-    crops = [images[:, :, y:y + crop, x:x + crop] for y in ys.tolist() for x in xs.tolist()]
-    out = torch.stack(crops, 1)
-    return torch.cat([out, out.flip(-1)], 1) if flips else out
 
 
 # --------------------------------------------------------------------------

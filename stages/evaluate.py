@@ -16,7 +16,7 @@ over Q. Six modes "method@scales" in all (Sec. 4.1-4.3, Tables 3-5).
 
 Every Q is computed once: one DALI pass per Q decodes and rescales each image,
 and both methods run on that same decoded batch (the multi-crop windows are
-cut from it with `augment.grid_crops`, exactly what the "multicrop" loader
+cut from it with `steps.grid_crops`, exactly what the "multicrop" loader
 does). The modes are then averages of the per-(method, Q) posteriors.
 
 Distribution: the validation split is cut into `num_workers` contiguous shares
@@ -124,6 +124,9 @@ class ShareJob:
     methods: tuple[str, ...] = BASE_METHODS
     name: str = "evaluate"  # prefix of progress lines
     pool_rounding: str = "ceil"  # vgg.set_pool_rounding
+    bf16: bool = False
+    channels_last: bool = False
+    compile: bool = False
 
 
 @dataclass
@@ -142,6 +145,7 @@ def evaluate_share(job: ShareJob) -> ShareResult:
     import torch
 
     from stages.augment import AugmentSpec, build_eval_loader
+    from stages.steps import Precision, Scorer
     from stages.vgg import set_pool_rounding
 
     t_start = time.perf_counter()
@@ -156,6 +160,7 @@ def evaluate_share(job: ShareJob) -> ShareResult:
     net, meta = load_model(job.model_uri)
     net = set_pool_rounding(net, job.pool_rounding).to(device)
     _check_model(net, meta, spec, job)
+    scorer = Scorer.of(net, Precision(job.bf16, job.channels_last), job.compile)
     acc: dict[tuple[str, int], list] = {(m, q): [] for m in job.methods for q in job.qs}
     seconds = dict.fromkeys(("decode", *job.methods), 0.0)
     n_images = 0
@@ -172,7 +177,7 @@ def evaluate_share(job: ShareJob) -> ShareResult:
                 labels = labels.cpu().numpy().astype(np.int64)  # the iterator reuses its buffers
                 for method in job.methods:
                     t = time.perf_counter()
-                    probs = _METHOD_FNS[method](net, images, job)
+                    probs = _METHOD_FNS[method](scorer, images, job)
                     acc[(method, q)].append((list(keys), labels, probs.cpu().numpy()))
                     seconds[method] += _lap(t, device)
                 progress.update(len(keys))
@@ -216,34 +221,11 @@ def _lap(t0: float, device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def dense_probs(net: VGG, images: torch.Tensor, job: ShareJob) -> torch.Tensor:
-    """Dense evaluation (Sec. 3.2): softmax of the spatially averaged score map,
-    averaged with that of the flipped image when job.flips. (B, 3, H, W) -> (B, K)."""
-    probs = net.dense_scores(images).float().softmax(dim=1)
-    if job.flips:
-        probs = (probs + net.dense_scores(images.flip(-1)).float().softmax(dim=1)) / 2
-    return probs
-
-
-def multicrop_probs(net: VGG, images: torch.Tensor, job: ShareJob) -> torch.Tensor:
-    """Multi-crop evaluation (Sec. 3.2): softmax posteriors averaged over the g x g grid
-    crops (and flips). Forward passes take about job.batch_size crops. (B, 3, H, W) -> (B, K)."""
-    import torch
-
-    from stages.augment import grid_crops
-
-    n = job.grid * job.grid * (2 if job.flips else 1)
-    step = max(1, job.batch_size // n)  # images per forward pass
-    out = []
-    for i in range(0, images.shape[0], step):
-        crops = grid_crops(images[i:i + step], net.crop, job.grid, job.flips)  # (b, n, 3, c, c)
-        b = crops.shape[0]
-        probs = net(crops.flatten(0, 1)).float().softmax(dim=1)  # (b * n, K)
-        out.append(probs.view(b, n, -1).mean(dim=1))
-    return torch.cat(out)
-
-
-_METHOD_FNS = {"dense": dense_probs, "multi-crop": multicrop_probs}
+_METHOD_FNS = {  # method -> (scorer, images (B, 3, H, W), job) -> (B, K) posteriors
+    "dense": lambda scorer, images, job: scorer.dense_probs(images, job.flips),
+    "multi-crop": lambda scorer, images, job: scorer.multicrop_probs(images, job.grid, job.flips,
+                                                                     job.batch_size),
+}
 
 
 def _concat(parts: list) -> tuple[list[str], np.ndarray, np.ndarray]:
@@ -407,7 +389,8 @@ def run(ctx: StageContext) -> StageResult:
             f"{' with flips' if cfg.flips else ''}; {workers} worker(s)")
     job = ShareJob(model_uri, val, spec.to_dict(), all_q, tuple(classes), cfg.grid, cfg.flips,
                    cfg.batch_size, use_gpu=cfg.use_gpu, threads=max(1, int(cfg.cpus_per_worker)),
-                   name=ctx.stage_id, pool_rounding=cfg.pool_rounding)
+                   name=ctx.stage_id, pool_rounding=cfg.pool_rounding, bf16=cfg.bf16,
+                   channels_last=cfg.channels_last, compile=cfg.compile)
     t0 = time.monotonic()
     results = run_shares(job, workers, cfg.cpus_per_worker, log=ctx.log)
     wall = time.monotonic() - t0

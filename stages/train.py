@@ -42,7 +42,6 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import NetPlan, TrainConfig, to_dict
@@ -50,6 +49,7 @@ from pipeline.errors import UserError
 from pipeline.stage import StageContext, StageResult
 from pipeline.storage import StageOutput, exists, read_bytes, resolve_uri, write_bytes, write_json
 from stages.metrics import Health, health_of, meaningful_topk
+from stages.steps import TOPK, Precision, sgd_step, topk_hits
 from stages.vgg import VGG, build_vgg, init_from, load_full, map_torchvision_state
 
 MODEL_FILE = "model.pt"
@@ -58,7 +58,6 @@ INIT_FILE = "init_state.pt"  # in the scratch directory: the starting weights
 RUN_NAME = "ray_train"  # fixed: (scratch dir, name) identifies the run to resume
 ARTIFACT_LIMIT = 50 * 2**20  # model.pt is an MLflow artifact only below this size
 SCORE = "val_top1_acc"  # the checkpoint score (higher is better)
-TOPK = (1, 5)
 
 # Test-only fault hooks, read by the driver from its environment (workers may not
 # share it) and handed to the workers with the plan.
@@ -266,6 +265,10 @@ class WorkerPlan:
     def per_worker_batch(self) -> int:
         return max(1, self.train.batch_size // self.train.num_workers)
 
+    @property
+    def precision(self) -> Precision:
+        return Precision(self.train.bf16, self.train.channels_last)
+
 
 class Chief:
     """Rank 0's side effects (progress lines, MLflow), no-ops on the other ranks.
@@ -372,9 +375,10 @@ def _restore(plan: WorkerPlan, device: torch.device, ctx, chief: Chief):
                                        weights_only=True))
     else:
         net.load_state_dict(state["model"])
-    if t.channels_last:
-        net = net.to(memory_format=torch.channels_last)
+    net = plan.precision.net(net)
     net = ray.train.torch.prepare_model(net)  # DDP (world > 1); broadcasts rank 0's weights
+    if t.compile:  # the whole DDP module, as PyTorch recommends; checkpoints use _unwrap(net)
+        net = torch.compile(net)
     optimizer = torch.optim.SGD(net.parameters(), lr=plan.net.lr, momentum=t.momentum,
                                 weight_decay=t.weight_decay)
     schedule = schedule_of(t, plan.net)
@@ -474,34 +478,14 @@ def _report_divergence(epoch: int, step: int | None, sums: torch.Tensor, chief: 
 
 def _sgd_step(net: nn.Module, optimizer, images: torch.Tensor, labels: torch.Tensor,
               plan: WorkerPlan) -> torch.Tensor:
-    """One SGD step on a (possibly empty) batch; -> [loss sum, images, top-1 hits, top-5 hits]."""
-    t = plan.train
-    if t.channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=t.bf16):
-        logits = net(images)  # (B, classes)
-    loss_sum = F.cross_entropy(logits.float(), labels, reduction="sum")
-    optimizer.zero_grad(set_to_none=True)
-    (loss_sum / plan.per_worker_batch).backward()
-    optimizer.step()
-    with torch.no_grad():
-        n = torch.tensor(float(len(labels)), dtype=torch.float64, device=images.device)
-        return torch.stack([loss_sum.detach().double(), n, *_hits(logits.detach().float(), labels)])
+    """steps.sgd_step with the plan's batch and precision."""
+    return sgd_step(net, optimizer, images, labels, plan.per_worker_batch, plan.precision)
 
 
 def _empty_batch(plan: WorkerPlan, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     crop = plan.spec["crop"]
     return (torch.zeros((0, 3, crop, crop), device=device),
             torch.zeros((0,), dtype=torch.long, device=device))
-
-
-def _hits(logits: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
-    """Top-k hits per k in TOPK; ties count against the true class and a row with a
-    non-finite score is a miss (as stages.metrics.topk_hits)."""
-    true = logits.gather(1, labels[:, None])  # (B, 1)
-    rivals = (logits >= true).sum(1) - 1  # other classes scoring >= the true one
-    finite = torch.isfinite(logits).all(1)
-    return [((rivals < k) & finite).sum().double() for k in TOPK]
 
 
 @torch.no_grad()
@@ -513,20 +497,18 @@ def evaluate(net: nn.Module, loader, plan: WorkerPlan, device: torch.device) -> 
     Runs on the unwrapped net: ranks may see different numbers of batches, and DDP's
     forward would try to sync buffers with the others.
     """
-    t, k = plan.train, plan.num_classes
+    k, precision = plan.num_classes, plan.precision
     net.eval()
     sums = torch.zeros(1 + len(TOPK) + 3 * k, dtype=torch.float64, device=device)
     if loader.num_samples:
         for images, labels, _keys in loader:
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            if t.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.bf16):
-                logits = net(images).float()
+            with precision.autocast(device):
+                logits = net(precision.images(images)).float()
             probs = logits.softmax(1).double()  # (B, K)
             counts = torch.bincount(logits.argmax(1), minlength=k).double()
             sums += torch.cat([torch.tensor([float(len(labels))], device=device, dtype=torch.float64),
-                               torch.stack(_hits(logits, labels)),
+                               torch.stack(topk_hits(logits, labels)),
                                counts, probs.sum(0), (probs * probs).sum(0)])
     return _all_sum(sums)
 
@@ -580,7 +562,14 @@ def _line(r: dict[str, Any], epochs: int) -> str:
 
 
 def _unwrap(net: nn.Module) -> nn.Module:
-    return net.module if isinstance(net, nn.parallel.DistributedDataParallel) else net
+    """The plain net inside torch.compile's and DDP's wrappers (clean state-dict keys)."""
+    while True:
+        if isinstance(net, nn.parallel.DistributedDataParallel):
+            net = net.module
+        elif hasattr(net, "_orig_mod"):  # torch.compile's OptimizedModule
+            net = net._orig_mod
+        else:
+            return net
 
 
 def _seed(seed: int, epoch: int, rank: int) -> int:

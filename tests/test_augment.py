@@ -17,6 +17,7 @@ import nvidia.dali.fn as fn
 from nvidia.dali.pipeline import Pipeline
 
 from stages import augment as A
+from stages import steps
 
 SCHEMA = pa.schema([("key", pa.string()), ("label", pa.int32()), ("class_name", pa.string()),
                     ("image", pa.binary()), ("height", pa.int32()), ("width", pa.int32()),
@@ -368,21 +369,21 @@ def table_of(tmp_path: Path) -> pa.Table:
 
 
 def test_grid_positions():
-    assert A.grid_positions(100, 32, 1).tolist() == [34]  # centre
-    pos = A.grid_positions(100, 32, 5)
+    assert steps.grid_positions(100, 32, 1).tolist() == [34]  # centre
+    pos = steps.grid_positions(100, 32, 5)
     assert pos[0] == 0 and pos[-1] == 100 - 32 and len(pos) == 5 and np.all(np.diff(pos) > 0)
     with pytest.raises(ValueError):
-        A.grid_positions(20, 32, 5)
+        steps.grid_positions(20, 32, 5)
 
 
 def test_grid_crops():
     img = torch.arange(2 * 3 * 40 * 50, dtype=torch.float32).reshape(2, 3, 40, 50)
-    crops = A.grid_crops(img, 32, 5, flips=True)
+    crops = steps.grid_crops(img, 32, 5, flips=True)
     assert crops.shape == (2, 50, 3, 32, 32)
     assert torch.equal(crops[:, 0], img[:, :, :32, :32])  # top-left corner
     assert torch.equal(crops[:, 24], img[:, :, -32:, -32:])  # bottom-right corner
     assert torch.equal(crops[:, 25 + 7], crops[:, 7].flip(-1))
-    assert torch.equal(A.grid_crops(img, 32, 1, flips=False)[:, 0], img[:, :, 4:36, 9:41])
+    assert torch.equal(steps.grid_crops(img, 32, 1, flips=False)[:, 0], img[:, :, 4:36, 9:41])
 
 
 def test_eval_dense_and_multicrop(shard, spec):

@@ -224,3 +224,12 @@ def test_model_that_does_not_fit_the_data_is_an_error(data, tmp_path):
                 "num_classes": 4}, tmp_path / "model.pt")
     with pytest.raises(ValueError, match="4 classes, the shards 3"):
         E.evaluate_share(job(data, model_uri=str(tmp_path / "model.pt")))
+
+
+def test_bf16_channels_last_share_is_close_to_fp32(data):
+    fp32 = E.evaluate_share(job(data, qs=(40,), grid=2))
+    bf16 = E.evaluate_share(job(data, qs=(40,), grid=2, bf16=True, channels_last=True))
+    for mq, (keys, labels, probs) in fp32.posteriors.items():
+        keys2, labels2, probs2 = bf16.posteriors[mq]
+        assert keys == keys2 and np.array_equal(labels, labels2)
+        np.testing.assert_allclose(probs, probs2, atol=0.05)

@@ -26,6 +26,7 @@ from stages import demo_data
 from stages import train as T
 from stages.augment import AugmentSpec
 from stages.shard import shard
+from stages.steps import topk_hits
 from tests.conftest import ROOT
 
 # 51 training images: shares of 25 and 26 at 5 images per worker -> 5 and 6 batches,
@@ -209,7 +210,7 @@ def test_epoch_record_scores_accuracy_and_judges_collapse():
 
 def test_hits_count_non_finite_logits_as_misses():
     logits = torch.tensor([[float("nan"), 1.0], [0.0, 1.0]])
-    assert [h.item() for h in T._hits(logits, torch.tensor([1, 1]))] == [1.0, 1.0]
+    assert [h.item() for h in topk_hits(logits, torch.tensor([1, 1]))] == [1.0, 1.0]
 
 
 def test_b_starts_from_a(trained_a, data, tmp_path):
