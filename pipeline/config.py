@@ -245,6 +245,10 @@ class ReportConfig:
     #: Coverage of the intervals.
     confidence: float = 0.95
     seed: int = 0
+    #: The evaluation mode (method@scales) nets are compared in for claims 1-3 (LRN,
+    #: depth, jittering). The paper's Table 3: dense@single. At small crops the dense
+    #: mode can be distorted (README, "Results you can trust"); a config may choose another.
+    compare_mode: str = "dense@single"
 
 
 @dataclass
@@ -323,6 +327,9 @@ def validate(cfg: PipelineConfig) -> None:
     _check(r.bootstrap_samples >= 100, "report.bootstrap_samples", f"must be >= 100, got {r.bootstrap_samples}")
     _check(0.5 <= r.confidence < 1, "report.confidence", f"must be in [0.5, 1), got {r.confidence}")
     _check(r.seed >= 0, "report.seed", f"must be >= 0, got {r.seed}")
+    method, _, scales = r.compare_mode.partition("@")
+    _check(method in METHODS and scales in ("single", "multi"), "report.compare_mode",
+           f"expected method@scales, method one of {list(METHODS)}, scales single|multi, got {r.compare_mode!r}")
     if cfg.ray.num_cpus is not None:
         _check(cfg.ray.num_cpus >= 1, "ray.num_cpus", "must be >= 1")
 

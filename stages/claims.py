@@ -76,11 +76,11 @@ class ClaimRow:
     note: str = ""
 
 
-def _by_scale(rows: Sequence[EvalRow]) -> dict[str, dict[str, list[str]]]:
-    """train scale -> arch -> net names evaluated in BASE_MODE there (plan order)."""
+def _by_scale(rows: Sequence[EvalRow], mode: str) -> dict[str, dict[str, list[str]]]:
+    """train scale -> arch -> net names evaluated in `mode` there (plan order)."""
     out: dict[str, dict[str, list[str]]] = {}
     for r in rows:
-        if r.mode == BASE_MODE:
+        if r.mode == mode:
             nets = out.setdefault(train_scale_key(r.train_scale), {}).setdefault(r.arch, [])
             if r.net not in nets:
                 nets.append(r.net)
@@ -88,14 +88,15 @@ def _by_scale(rows: Sequence[EvalRow]) -> dict[str, dict[str, list[str]]]:
 
 
 def comparisons(rows: Sequence[EvalRow], fusion: FusionRow | None,
-                errors: Mapping[str, float]) -> list[Comparison]:
+                errors: Mapping[str, float], mode: str = BASE_MODE) -> list[Comparison]:
     """Every comparison the evaluated plan allows, claim by claim.
 
-    `errors`: member id -> top-1 error (to pick a fusion's best member)."""
+    `errors`: member id -> top-1 error (to pick a fusion's best member); `mode`: the
+    evaluation mode nets are compared in for claims 1-3 (default: Table 3's)."""
     have = {r.member_id for r in rows}
-    base = lambda net: f"{net}:{BASE_MODE}"  # noqa: E731
+    base = lambda net: f"{net}:{mode}"  # noqa: E731
     out: list[Comparison] = []
-    groups = _by_scale(rows)
+    groups = _by_scale(rows, mode)
     for archs in groups.values():  # claims 1 and 2: nets trained at the same S
         for lrn in archs.get("A-LRN", []):
             out += [Comparison(1, base(lrn), base(a), "no gain") for a in archs.get("A", [])]
@@ -104,8 +105,8 @@ def comparisons(rows: Sequence[EvalRow], fusion: FusionRow | None,
             ref = next((a for a in shallower if archs.get(a)), None)
             if ref is not None:
                 out += [Comparison(2, base(x), base(y)) for x in archs.get(deep, []) for y in archs[ref]]
-    jittered = [r for r in rows if r.mode == BASE_MODE and isinstance(r.train_scale, tuple)]
-    fixed = [r for r in rows if r.mode == BASE_MODE and not isinstance(r.train_scale, tuple)]
+    jittered = [r for r in rows if r.mode == mode and isinstance(r.train_scale, tuple)]
+    fixed = [r for r in rows if r.mode == mode and not isinstance(r.train_scale, tuple)]
     out += [Comparison(3, j.member_id, f.member_id) for j in jittered for f in fixed if f.arch == j.arch]
     for net in dict.fromkeys(r.net for r in rows):  # claim 4, net by net
         pairs = [("dense@multi", "dense@single"), ("multi-crop+dense@multi", "dense@multi"),

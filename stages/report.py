@@ -147,7 +147,8 @@ def build_report(outputs: Mapping[str, StageOutput], png_path: str | os.PathLike
     judged = []
     if 1 in hits:
         point = {m: 1.0 - h.mean() for m, h in hits[1].items()}
-        comps = [c for c in claims.comparisons(rows, fusions[0] if fusions else None, point)
+        comps = [c for c in claims.comparisons(rows, fusions[0] if fusions else None, point,
+                                               cfg.compare_mode)
                  if c.first in point and c.second in point]
         judged = claims.judge(comps, reps[1], point, cfg.confidence, collapsed)
     built = {
@@ -185,7 +186,8 @@ def _markdown(tables: dict[str, dict], judged: list[claims.ClaimRow], collapsed:
                   "Difference = our top-1 error of the first minus the second, in points, "
                   "with a paired bootstrap interval (same resampled images for both). "
                   "Held / contradicted: the interval excludes 0 on the claimed / the other "
-                  "side; inconclusive: it contains 0.", ""]
+                  f"side; inconclusive: it contains 0. Claims 1-3 compare nets in "
+                  f"{cfg.compare_mode} (report.compare_mode).", ""]
         parts += [f"{n}. {claims.CLAIMS[n]}: **{v}**" for n, v in verdicts.items()] + [""]
         parts.append(paper.to_markdown(tables["claims.json"], "Claims"))
     return "\n".join(parts)

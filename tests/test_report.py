@@ -110,6 +110,8 @@ def test_comparisons_cover_every_claim_the_plan_allows():
     assert labels[2] == ["B:dense@single vs A:dense@single", "C:dense@single vs B:dense@single",
                          "D:dense@single vs B:dense@single", "D:dense@single vs C:dense@single"]
     assert labels[3] == ["D-jit:dense@single vs D:dense@single"]
+    crops = claims.comparisons(rows, None, errors, mode="multi-crop@single")
+    assert [c.label for c in crops if c.claim == 1] == ["A-LRN:multi-crop@single vs A:multi-crop@single"]
     no_b = [r for r in rows if r.arch != "B"]  # then C and D are compared with A
     assert [c.label for c in claims.comparisons(no_b, None, {}) if c.claim == 2] == [
         "C:dense@single vs A:dense@single", "D:dense@single vs A:dense@single",
