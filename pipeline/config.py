@@ -41,6 +41,10 @@ class MlflowConfig:
     tracking_uri: str | None = None
     #: Log CPU/GPU/memory system metrics (psutil) in every stage run.
     system_metrics: bool = False
+    #: How long one MLflow call to a tracking server may take, retries included, before
+    #: the stage fails naming the server (training goes on meanwhile; nothing is lost:
+    #: the rerun resumes and logs what could not be logged).
+    retry_s: float = 120.0
 
 
 @dataclass
@@ -296,6 +300,7 @@ def validate(cfg: PipelineConfig) -> None:
     _check_seeds(cfg)
     _check(bool(cfg.work_dir), "work_dir", "must not be empty")
     _check(bool(cfg.experiment), "experiment", "must not be empty")
+    _check(cfg.mlflow.retry_s >= 5, "mlflow.retry_s", f"must be >= 5 seconds, got {cfg.mlflow.retry_s}")
     d = cfg.data.demo
     _check(d.num_classes >= 2, "data.demo.num_classes", f"must be >= 2, got {d.num_classes}")
     _check(d.train_per_class >= 1, "data.demo.train_per_class", "must be >= 1")

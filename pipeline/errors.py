@@ -15,3 +15,7 @@ class UserError(Exception):
     #: Whether the command line keeps the traceback in a file (errors of inputs that were
     #: checked before any work started have nothing more to say than their message).
     keep_traceback = True
+
+
+class TrackingServerLost(UserError, ConnectionError):
+    """The MLflow tracking server stopped answering during a run."""

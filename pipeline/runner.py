@@ -18,7 +18,7 @@ import mlflow
 
 from pipeline import tracking
 from pipeline.config import PipelineConfig, to_dict
-from pipeline.errors import UserError
+from pipeline.errors import TrackingServerLost, UserError
 from pipeline.dag import StageSpec, build_dag, cache_key, package_version, upstream_closure
 from pipeline.stage import StageContext, StageResult, TrackingInfo
 from pipeline.storage import StageOutput, Store, is_local, read_bytes, resolve_uri, write_json
@@ -138,8 +138,17 @@ def run_pipeline(
     preflight(dag, [s for s in selected if force or not store.is_complete(s, keys[s])])
     uri = tracking.tracking_uri(cfg)
     tracking.check_reachable(uri)
-    with tracking.using_tracking_uri(uri):
-        return _run(cfg, dag, selected, keys, store, uri, force, config_path, bool(stage_ids))
+    with tracking.using_tracking_uri(uri), tracking.environment(tracking.http_retry_env(cfg.mlflow.retry_s)):
+        try:
+            return _run(cfg, dag, selected, keys, store, uri, force, config_path, bool(stage_ids))
+        except Exception as e:
+            if isinstance(e, TrackingServerLost) or tracking.lost_server(e):
+                raise TrackingServerLost(
+                    f"the MLflow tracking server {uri} stopped answering (each call waited "
+                    f"{cfg.mlflow.retry_s:g} s, mlflow.retry_s): start it again and re-run the same "
+                    "command; completed stages are reused and an interrupted training resumes "
+                    "and logs the epochs that could not be logged") from e
+            raise
 
 
 def _run(
@@ -190,9 +199,11 @@ def _run(
             if "report" in inputs:
                 _log_report(inputs["report"])
         finally:
-            _log_parent_end(run)
-            if ray_started:
-                disconnect_ray()
+            try:
+                _log_parent_end(run)
+            finally:
+                if ray_started:
+                    disconnect_ray()
     return run
 
 
@@ -287,6 +298,8 @@ def _execute(
             mlflow.set_tag("output_uri", final.uri)
         except BaseException as e:
             store.discard(tmp)
+            if isinstance(e, TrackingServerLost) or tracking.lost_server(e):
+                tracking.fail_fast()  # marking the runs FAILED cannot reach the server either
             mlflow.set_tag("error", f"{type(e).__name__}: {e}"[:5000])
             if not isinstance(e, (KeyboardInterrupt, SystemExit)):
                 mlflow.log_text(traceback.format_exc(), "error.txt")

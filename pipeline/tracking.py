@@ -22,6 +22,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import PipelineConfig, flatten, to_dict
+
 from pipeline.storage import StageOutput, is_local, read_bytes, resolve_uri
 
 MAX_PARAM_LEN = 6000
@@ -129,6 +130,48 @@ def _setup_experiment(cfg: PipelineConfig, uri: str) -> str:
     else:
         exp_id = exp.experiment_id
     return exp_id
+
+
+#: Retries of one MLflow HTTP call, and the backoff factor (waits 1, 2, 4 s between them).
+HTTP_RETRIES, HTTP_BACKOFF = 3, 1
+
+
+def http_retry_env(retry_s: float) -> dict[str, str]:
+    """MLflow client settings that bound one call, retries included, to about `retry_s`
+    (MLflow's defaults: 7 retries of up to 120 s each, a quarter of an hour)."""
+    waits = HTTP_BACKOFF * (2 ** HTTP_RETRIES - 1)
+    per_try = max(5.0, (retry_s - waits) / (HTTP_RETRIES + 1))  # a loaded server answers in seconds
+    return {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(HTTP_RETRIES),
+            "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": str(HTTP_BACKOFF),
+            "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0",
+            "MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(per_try))}
+
+
+@contextmanager
+def environment(values: dict[str, str]) -> Iterator[None]:
+    """Set environment variables for a while (this process, and the processes it starts)."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def fail_fast() -> None:
+    """After the server was lost: further MLflow calls (marking runs failed) give up at once."""
+    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="2")
+
+
+def lost_server(e: BaseException) -> bool:
+    """Whether an MLflow error says that its HTTP requests found no server."""
+    text = str(e)
+    return type(e).__name__ == "MlflowException" and "API request to" in text and (
+        "Max retries exceeded" in text or "Connection" in text or "timed out" in text.lower())
 
 
 def owner_tags(work_dir: str) -> dict[str, str]:

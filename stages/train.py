@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from pipeline.config import NetPlan, TrainConfig, to_dict
-from pipeline.errors import UserError
+from pipeline.errors import TrackingServerLost, UserError
 from pipeline.stage import StageContext, StageResult
 from pipeline.storage import StageOutput, exists, read_bytes, resolve_uri, write_bytes, write_json
 from stages.metrics import Health, health_of, meaningful_topk
@@ -55,6 +55,7 @@ from stages.vgg import VGG, build_vgg, init_from, load_full, map_torchvision_sta
 MODEL_FILE = "model.pt"
 STATE_FILE = "state.pt"  # inside each Ray Train checkpoint
 INIT_FILE = "init_state.pt"  # in the scratch directory: the starting weights
+OUTCOME_FILE = "worker_outcome.json"  # in the scratch directory: see _tell_driver
 RUN_NAME = "ray_train"  # fixed: (scratch dir, name) identifies the run to resume
 ARTIFACT_LIMIT = 50 * 2**20  # model.pt is an MLflow artifact only below this size
 SCORE = "val_top1_acc"  # the checkpoint score (higher is better)
@@ -252,6 +253,8 @@ class WorkerPlan:
     tracking_uri: str
     run_id: str
     hooks: Hooks = field(default_factory=Hooks)
+    mlflow_env: dict[str, str] = field(default_factory=dict)  # tracking.http_retry_env
+    outcome_uri: str = ""  # where workers leave what the driver must know (_tell_driver)
 
     @property
     def train(self) -> TrainConfig:
@@ -273,8 +276,11 @@ class WorkerPlan:
 class Chief:
     """Rank 0's side effects (progress lines, MLflow), no-ops on the other ranks.
 
-    MLflow calls run on a background thread, so the other ranks do not wait for them
-    (the first one imports mlflow, seconds); `close` waits for them at the end.
+    MLflow calls run on a background thread, so training does not wait for them (the
+    first one imports mlflow, seconds); `close` waits for them at the end. Once a call
+    fails (the tracking server is lost: each call gives up after mlflow.retry_s), the
+    later ones are not tried: `failure` says what happened, and the driver fails the
+    stage after training; the rerun resumes and logs the epochs again.
     """
 
     def __init__(self, plan: WorkerPlan, rank: int):
@@ -282,6 +288,7 @@ class Chief:
         self._client = None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="mlflow") if self.active else None
         self._pending: list[Future] = []
+        self.failure: str | None = None
 
     def say(self, msg: str) -> None:
         if self.active:  # not print(): Ray Train's print patch would echo the line twice
@@ -293,17 +300,26 @@ class Chief:
         if self.active and self.plan.run_id and records:
             self._pending.append(self._pool.submit(self._log_batch, [dict(r) for r in records]))
 
-    def close(self) -> None:
-        """Wait for the MLflow calls; a failed one is reported, not fatal to the training."""
+    def close(self) -> str | None:
+        """Wait for the MLflow calls; -> the first failure, if any (training went on)."""
         for f in self._pending:
-            if f.exception() is not None:
-                self.say(f"WARNING: MLflow logging failed: {f.exception()!r}")
+            f.exception()
         self._pending.clear()
+        return self.failure
 
     def _log_batch(self, records: list[dict[str, Any]]) -> None:
         from mlflow.entities import Metric
         from mlflow.tracking import MlflowClient
 
+        if self.failure is not None:
+            return
+        try:
+            self._log(records, Metric, MlflowClient)
+        except Exception as e:  # noqa: BLE001 - recorded, and the stage fails after training
+            self.failure = f"{type(e).__name__}: {e}"[:500]
+            self.say(f"WARNING: MLflow logging failed, training goes on: {self.failure}")
+
+    def _log(self, records, Metric, MlflowClient) -> None:
         self._client = self._client or MlflowClient(self.plan.tracking_uri)
         now = int(time.time() * 1000)
         metrics = [Metric(k, float(r[k]), now, r["epoch"]) for r in records for k in EPOCH_METRICS
@@ -328,6 +344,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     chief = Chief(plan, rank)
 
+    os.environ.update(plan.mlflow_env)  # bounded MLflow retries, on this node too
     net, optimizer, schedule, progress, start = _restore(plan, device, ctx, chief)
     loader, val_loader = _loaders(plan, rank, world, device, start)
     steps = _all_max(len(loader), device)  # ranks with a smaller share pad with empty steps
@@ -340,7 +357,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         t0 = time.perf_counter()
         train, bad_step = train_one_epoch(net, loader, optimizer, steps, epoch, plan, device, chief, rank)
         if bad_step is not None or not _finite_weights(net, device):
-            _report_divergence(epoch, bad_step, train, chief)  # every rank: the same all-reduced facts
+            _report_divergence(plan, epoch, bad_step, train, chief, rank)  # same facts on every rank
             break
         t1 = time.perf_counter()
         val = evaluate(_unwrap(net), val_loader, plan, device)
@@ -356,7 +373,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         chief.say(_line(record, plan.epochs))
         if plan.hooks.hang_after_epoch == epoch and rank == 0:
             time.sleep(3600)  # test hook: the driver gets killed while we wait
-    chief.close()
+    failure = chief.close()
+    if failure is not None:
+        _tell_driver(plan, {"mlflow_failed": failure})
 
 
 def _restore(plan: WorkerPlan, device: torch.device, ctx, chief: Chief):
@@ -467,13 +486,31 @@ def _finite_weights(net: nn.Module, device: torch.device) -> bool:
     return bool(ok.to(device).item())
 
 
-def _report_divergence(epoch: int, step: int | None, sums: torch.Tensor, chief: Chief) -> None:
-    """Tell Ray Train (and so the driver) that training diverged; no checkpoint."""
-    import ray.train
-
+def _report_divergence(plan: WorkerPlan, epoch: int, step: int | None, sums: torch.Tensor,
+                       chief: Chief, rank: int) -> None:
+    """Tell the driver that training diverged (no checkpoint of it is made)."""
     where = f"epoch {epoch + 1}" + (f" step {step + 1}" if step is not None else "")
     chief.say(f"training diverged at {where}: loss {sums[0].item() / max(sums[1].item(), 1):.4g}")
-    ray.train.report({"diverged": where, "epoch": epoch})
+    if rank == 0:
+        _tell_driver(plan, {"diverged": where})
+
+
+def _tell_driver(plan: WorkerPlan, facts: dict[str, Any]) -> None:
+    """What the driver must know after fit() but Ray Train's Result does not carry (it keeps
+    the metrics of checkpoints only): a file in the stage's scratch directory."""
+    fs, path = resolve_uri(plan.outcome_uri)
+    write_json(fs, path, facts)
+
+
+def _read_outcome(uri: str, remove: bool = True) -> dict[str, Any]:
+    """The workers' `_tell_driver` facts ({} if none); removed once read."""
+    fs, path = resolve_uri(uri)
+    if not exists(fs, path):
+        return {}
+    facts = json.loads(read_bytes(fs, path))
+    if remove:
+        fs.delete_file(path)
+    return facts
 
 
 def _sgd_step(net: nn.Module, optimizer, images: torch.Tensor, labels: torch.Tensor,
@@ -666,11 +703,20 @@ def run(ctx: StageContext) -> StageResult:
     init_uri = _write_init(ctx.scratch, net)
     plan = WorkerPlan(ctx.stage_id, dict(ctx.section), ctx.inputs["shard"].uri, spec.to_dict(),
                       len(classes), init_uri, epochs, ctx.tracking.tracking_uri, ctx.tracking.run_id,
-                      Hooks.from_env())
+                      Hooks.from_env(), {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_HTTP_")},
+                      posixpath.join(ctx.scratch.uri, OUTCOME_FILE))
+    _read_outcome(plan.outcome_uri)  # an earlier attempt's
     result = _trainer(plan, ctx.scratch).fit()
-    if result.metrics and result.metrics.get("diverged"):
+    outcome = _read_outcome(plan.outcome_uri)
+    if outcome.get("mlflow_failed"):
+        raise TrackingServerLost(
+            f"{ctx.stage_id}: training finished, but logging its epochs to the MLflow tracking "
+            f"server {ctx.tracking.tracking_uri} failed ({outcome['mlflow_failed']}); "
+            "nothing is published. Start the server again and re-run: the stage resumes from "
+            "its last checkpoint and logs the epochs again")
+    if outcome.get("diverged"):
         raise TrainingDiverged(
-            f"{ctx.stage_id}: training diverged at {result.metrics['diverged']} (the loss or the "
+            f"{ctx.stage_id}: training diverged at {outcome['diverged']} (the loss or the "
             f"weights became NaN or infinite); nothing is published. Lower the learning rate "
             f"(train.nets.{ctx.section['name']}.lr = {net_plan.lr:g}) and run the stage again "
             f"with --force (a rerun without it resumes from the last finite checkpoint)")

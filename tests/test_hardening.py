@@ -88,3 +88,74 @@ def test_two_invocations_at_once_on_a_fresh_work_dir(tmp_path):
     assert len([r for r in runs if "stage_id" not in r.data.tags]) == 2  # both parent runs
     assert all(r.info.status == "FINISHED" for r in runs)
     assert sum("reused  (made by another invocation" in o or "reused  (cache key" in o for o in outs) >= 1
+
+
+def _start_mlflow_server(db: str, port: int):
+    """`mlflow server` on 127.0.0.1:port (its own process group), answering /health."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{db}",
+                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            return proc
+        except OSError:
+            time.sleep(1)
+    proc.kill()
+    raise RuntimeError("mlflow server did not start")
+
+
+def _stop(proc) -> None:
+    import signal
+
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.mark.slow
+def test_a_lost_tracking_server_fails_the_stage_within_the_bound(ray_session, tmp_path, monkeypatch):
+    import threading
+    import time
+    from pathlib import Path
+
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.errors import TrackingServerLost
+    from pipeline.runner import _free_port
+
+    port, db = _free_port(), str(tmp_path / "server.db")
+    uri = f"http://127.0.0.1:{port}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    server = _start_mlflow_server(db, port)
+    cfg = load_config(DEMO, [f"work_dir={tmp_path / 'work'}", *E2E, "train.max_epochs=4", "mlflow.retry_s=20"])
+    killed = {}
+
+    def kill_when_training():  # after the first epoch's checkpoint: training goes on without a server
+        scratch = Path(cfg.work_dir) / "stages" / "train" / "A" / "_scratch"
+        while not list(scratch.glob("*/ray_train/epoch_0000")):
+            time.sleep(0.2)
+        _stop(server)
+        killed["at"] = time.monotonic()
+
+    watcher = threading.Thread(target=kill_when_training, daemon=True)
+    watcher.start()
+    try:
+        with pytest.raises(TrackingServerLost, match=rf"tracking server {uri}.*re-run"):
+            run_pipeline(cfg, ["shard", "augment", "train/A"])
+        assert time.monotonic() - killed["at"] < 120  # bounded: about 20 s per call, not a quarter hour
+        assert Store(cfg.work_dir).latest("train/A") is None  # nothing published
+        server = _start_mlflow_server(db, port)  # back: the rerun resumes and logs every epoch
+        run = run_pipeline(cfg, ["shard", "augment", "train/A"])
+        assert run.status_of("train/A") == "ran"
+        rec = next(r for r in run.records if r.stage_id == "train/A")
+        steps = [m.step for m in MlflowClient(uri).get_metric_history(rec.run_id, "train_loss")]
+        assert sorted(steps) == [0, 1, 2, 3]
+    finally:
+        if server.poll() is None:
+            _stop(server)
