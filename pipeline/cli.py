@@ -117,14 +117,19 @@ def user_error(e: BaseException) -> BaseException | None:
 
 
 def _disk_full(e: BaseException) -> bool:
-    return (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "database or disk is full" in str(e)
+    """ENOSPC here, in a Ray worker (its error carries the remote traceback as text), or in
+    SQLite (the MLflow store)."""
+    text = str(e)
+    return ((isinstance(e, OSError) and e.errno == errno.ENOSPC) or "database or disk is full" in text
+            or "No space left on device" in text)
 
 
-def _message(e: BaseException) -> str:
+def _message(e: BaseException, work_dir: str | None = None) -> str:
     if _disk_full(e):
-        where = getattr(e, "filename", None)
-        return (f"no space left on the device{f' holding {where}' if where else ''} ({e}); free "
-                "some space (or move work_dir) and run again: completed stages are reused")
+        where = getattr(e, "filename", None) or work_dir
+        return (f"no space left on the device{f' holding {where}' if where else ''}; free some "
+                "space (or move work_dir) and run the same command again: completed stages are "
+                "reused, an interrupted training resumes")
     return str(e)
 
 
@@ -140,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from pipeline.runner import run_pipeline
 
+    cfg = None
     try:
         cfg_path = find_config(args.config)
         cfg = load_config(cfg_path, args.overrides)
@@ -153,12 +159,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         if args.verbose:
             traceback.print_exception(type(e), e, e.__traceback__)
-            print(f"error: {_message(known)}", file=sys.stderr)
+            print(f"error: {_message(known, cfg and cfg.work_dir)}", file=sys.stderr)
         elif not getattr(known, "keep_traceback", True):
-            print(f"error: {_message(known)}", file=sys.stderr)
+            print(f"error: {_message(known, cfg and cfg.work_dir)}", file=sys.stderr)
         else:
-            print(f"error: {_message(known)} (traceback: {_save_traceback(e)}; --verbose prints it)",
-                  file=sys.stderr)
+            print(f"error: {_message(known, cfg and cfg.work_dir)} (traceback: {_save_traceback(e)}; "
+                  "--verbose prints it)", file=sys.stderr)
         return 2
     print_summary(run)
     return 0

@@ -266,44 +266,48 @@ def _execute(
     tags = {"stage": spec.kind, "stage_id": spec.id, "cache_key": key, "package_version": package_version(),
             **tracking.owner_tags(store.work_dir)}
     t0 = time.monotonic()
-    with mlflow.start_run(
-        experiment_id=info.experiment_id,
-        run_name=spec.id,
-        nested=True,
-        tags=tags,
-        log_system_metrics=cfg.mlflow.system_metrics,
-    ) as run:
-        info = TrackingInfo(info.tracking_uri, info.experiment_id, run.info.run_id)
-        tracking.log_params(tracking.params_of(spec.section))
-        ups = {u: inputs[u] for u in spec.upstream}
-        mlflow.set_tags({f"input.{u}": f"{o.key} {o.uri}" for u, o in ups.items()})
-        ctx = StageContext(spec.id, spec.kind, spec.section, ups, tmp, info, key, store.scratch(spec.id, key),
-                           published_uri=store.output(spec.id, key).uri)
-        try:
-            result: StageResult = spec.load()(ctx)
-            seconds = time.monotonic() - t0
-            _log_result(tmp, result, seconds, spec.section)
-            final = store.publish(
-                tmp,
-                {
-                    "stage_id": spec.id,
-                    "cache_key": key,
-                    "mlflow_run_id": run.info.run_id,
-                    "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                    "seconds": round(seconds, 3),
-                    "package_version": package_version(),
-                    "upstream": {u: o.key for u, o in ups.items()},
-                },
-            )
-            mlflow.set_tag("output_uri", final.uri)
-        except BaseException as e:
-            store.discard(tmp)
-            if isinstance(e, TrackingServerLost) or tracking.lost_server(e):
-                tracking.fail_fast()  # marking the runs FAILED cannot reach the server either
-            mlflow.set_tag("error", f"{type(e).__name__}: {e}"[:5000])
-            if not isinstance(e, (KeyboardInterrupt, SystemExit)):
-                mlflow.log_text(traceback.format_exc(), "error.txt")
-            raise
+    try:  # whatever fails (the store too, e.g. on a full disk), the temporary output goes
+        with mlflow.start_run(
+            experiment_id=info.experiment_id,
+            run_name=spec.id,
+            nested=True,
+            tags=tags,
+            log_system_metrics=cfg.mlflow.system_metrics,
+        ) as run:
+            info = TrackingInfo(info.tracking_uri, info.experiment_id, run.info.run_id)
+            tracking.log_params(tracking.params_of(spec.section))
+            ups = {u: inputs[u] for u in spec.upstream}
+            mlflow.set_tags({f"input.{u}": f"{o.key} {o.uri}" for u, o in ups.items()})
+            ctx = StageContext(spec.id, spec.kind, spec.section, ups, tmp, info, key, store.scratch(spec.id, key),
+                               published_uri=store.output(spec.id, key).uri)
+            try:
+                result: StageResult = spec.load()(ctx)
+                seconds = time.monotonic() - t0
+                _log_result(tmp, result, seconds, spec.section)
+                final = store.publish(
+                    tmp,
+                    {
+                        "stage_id": spec.id,
+                        "cache_key": key,
+                        "mlflow_run_id": run.info.run_id,
+                        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                        "seconds": round(seconds, 3),
+                        "package_version": package_version(),
+                        "upstream": {u: o.key for u, o in ups.items()},
+                    },
+                )
+                mlflow.set_tag("output_uri", final.uri)
+            except BaseException as e:
+                store.discard(tmp)  # first: on a full disk this frees what MLflow needs to mark the run
+                if isinstance(e, TrackingServerLost) or tracking.lost_server(e):
+                    tracking.fail_fast()  # marking the runs FAILED cannot reach the server either
+                mlflow.set_tag("error", f"{type(e).__name__}: {e}"[:5000])
+                if not isinstance(e, (KeyboardInterrupt, SystemExit)):
+                    mlflow.log_text(traceback.format_exc(), "error.txt")
+                raise
+    except BaseException:
+        store.discard(tmp)
+        raise
     if result.summary:
         _say(f"  [{spec.id}] {result.summary}")
     return StageRecord(spec.id, spec.kind, key, "ran", seconds, final.uri, run.info.run_id)

@@ -159,3 +159,39 @@ def test_a_lost_tracking_server_fails_the_stage_within_the_bound(ray_session, tm
     finally:
         if server.poll() is None:
             _stop(server)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 16 MB tmpfs (root and mount rights needed; skipped otherwise)."""
+    import subprocess
+
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)],
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip() or res.returncode}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.mark.slow
+def test_a_full_disk_fails_cleanly_and_the_rerun_completes(ray_session, small_disk, capsys):
+    work = small_disk / "work"
+    args = ["--set", f"work_dir={work}", *E2E, "train.max_epochs=2", "--stage", "shard", "augment", "train/A"]
+    assert main(args[:-1]) == 0  # shard and augment fit
+    ballast = small_disk / "ballast"
+    free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+    with open(ballast, "wb") as f:  # leave 64 kB: the first checkpoint does not fit
+        f.write(b"\0" * max(0, free - (64 << 10)))
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    line = [x for x in err.splitlines() if x.startswith("error:")]
+    assert len(line) == 1 and line[0].startswith("error: no space left on the device") and str(work) in line[0]
+    store = Store(str(work))
+    assert store.latest("train/A") is None
+    assert not os.listdir(os.path.join(store.stage_root("train/A"), "_tmp"))  # its temporary output removed
+    ballast.unlink()  # space freed: the same command completes
+    assert main(args) == 0 and store.latest("train/A") is not None
