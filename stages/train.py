@@ -502,6 +502,16 @@ def _tell_driver(plan: WorkerPlan, facts: dict[str, Any]) -> None:
     write_json(fs, path, facts)
 
 
+def _has_checkpoint(scratch: StageOutput) -> bool:
+    """Whether an earlier run of this stage and key left a Ray Train checkpoint (a resume)."""
+    import pyarrow.fs as pafs
+
+    run = scratch.join(RUN_NAME)
+    if not exists(scratch.fs, run):
+        return False
+    return any(i.base_name.startswith("epoch_") for i in scratch.fs.get_file_info(pafs.FileSelector(run)))
+
+
 def _read_outcome(uri: str, remove: bool = True) -> dict[str, Any]:
     """The workers' `_tell_driver` facts ({} if none); removed once read."""
     fs, path = resolve_uri(uri)
@@ -706,6 +716,7 @@ def run(ctx: StageContext) -> StageResult:
                       Hooks.from_env(), {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_HTTP_")},
                       posixpath.join(ctx.scratch.uri, OUTCOME_FILE))
     _read_outcome(plan.outcome_uri)  # an earlier attempt's
+    resuming = _has_checkpoint(ctx.scratch)
     result = _trainer(plan, ctx.scratch).fit()
     outcome = _read_outcome(plan.outcome_uri)
     if outcome.get("mlflow_failed"):
@@ -722,6 +733,11 @@ def run(ctx: StageContext) -> StageResult:
             f"with --force (a rerun without it resumes from the last finite checkpoint)")
     best_state, last_state = _best_and_last(result)
     history = _history(last_state["progress"], last_state["schedule"])
+    if resuming and not any(r.get("mlflow_run_id") == ctx.tracking.run_id for r in history["resumes"]):
+        # killed after its last checkpoint: nothing was left to train, so no checkpoint
+        # recorded this resume
+        history["resumes"].append({"after_epoch": last_state["epoch"], "time": time.time(),
+                                   "mlflow_run_id": ctx.tracking.run_id})
     best = last_state["progress"]["best"]
     net.load_state_dict(best_state["model"])
     meta = _meta(ctx, classes, epoch=best_state["epoch"],

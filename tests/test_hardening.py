@@ -195,3 +195,22 @@ def test_a_full_disk_fails_cleanly_and_the_rerun_completes(ray_session, small_di
     assert not os.listdir(os.path.join(store.stage_root("train/A"), "_tmp"))  # its temporary output removed
     ballast.unlink()  # space freed: the same command completes
     assert main(args) == 0 and store.latest("train/A") is not None
+
+
+@pytest.mark.slow
+def test_a_resume_with_nothing_left_to_train_is_counted(ray_session, tmp_path):
+    """Killed after its last checkpoint but before publishing: the rerun trains nothing,
+    publishes the same weights, and says it resumed."""
+    import shutil
+
+    cfg = load_config(DEMO, [f"work_dir={tmp_path / 'work'}", *E2E])
+    first = run_pipeline(cfg, ["shard", "augment", "train/A"])
+    out = Store(cfg.work_dir).latest("train/A")
+    weights = open(out.join("model.pt"), "rb").read()
+    shutil.rmtree(out.path)  # as if killed before the publish
+    again = run_pipeline(cfg, ["train/A"])
+    rec = next(r for r in again.records if r.stage_id == "train/A")
+    assert rec.status == "ran" and first.status_of("train/A") == "ran"
+    out = Store(cfg.work_dir).latest("train/A")
+    assert open(out.join("model.pt"), "rb").read() == weights
+    assert out.read_json("manifest.json")["resumes"] == 1
