@@ -39,10 +39,18 @@ def test_cluster_files_follow_rays_schema(name):
     assert cfg["file_mounts"]["~/vgg-pipeline"] == "."
     assert ".venv" in cfg["rsync_exclude"]
     commands = " ".join(cfg["setup_commands"] + cfg.get("head_setup_commands", []))
-    assert re.search(r'/bin/pip"? install -q -e ~/vgg-pipeline', commands) and "/bin/activate" in commands
+    assert re.search(r'/bin/pip"? install -q -e "?(~|\$HOME)/vgg-pipeline', commands) and "/bin/activate" in commands
     head = " ".join(cfg["head_start_ray_commands"])
     assert "mlflow server" in head and "ray start --head" in head
     assert "MLFLOW_TRACKING_URI" in commands and "RAY_ADDRESS=auto" in commands
+
+
+def test_the_aws_clusters_mlflow_requires_a_login():
+    cfg = yaml.safe_load((ROOT / "ray_cluster.yaml").read_text())
+    assert "--app-name basic-auth" in " ".join(cfg["head_start_ray_commands"])
+    assert cfg["file_mounts"]["~/.vgg"] == "~/.vgg"  # credentials from the launching machine
+    setup = " ".join(cfg["setup_commands"])
+    assert "[cluster]" in setup and ". ~/.vgg/mlflow.env" in setup
 
 
 def test_local_cluster_file_has_no_node_types():
@@ -139,3 +147,26 @@ def test_local_ray_serves_the_state_api(ray_session):
     ips, api = ray_session.get(nodes_seen_from_a_worker.remote(), timeout=120)
     assert ips == ["127.0.0.1"] and api.startswith("http://127.0.0.1:")
     assert "RAY_API_SERVER_ADDRESS" not in os.environ  # not left behind for other clusters
+
+
+def test_mlflow_credentials_are_private_and_consistent(tmp_path):
+    import configparser
+    import stat
+    import subprocess
+
+    env = {**__import__("os").environ, "HOME": str(tmp_path)}
+    subprocess.run(["bash", str(ROOT / "scripts" / "make_mlflow_credentials.sh")], env=env, check=True,
+                   capture_output=True)
+    d = tmp_path / ".vgg"
+    assert stat.S_IMODE(d.stat().st_mode) == 0o700
+    for f in ("mlflow-auth.ini", "mlflow.env"):
+        assert stat.S_IMODE((d / f).stat().st_mode) == 0o600
+    ini = configparser.ConfigParser()
+    ini.read(d / "mlflow-auth.ini")
+    exports = dict(line.removeprefix("export ").split("=", 1) for line in (d / "mlflow.env").read_text().splitlines())
+    assert exports["MLFLOW_TRACKING_USERNAME"] == ini["mlflow"]["admin_username"]
+    assert exports["MLFLOW_TRACKING_PASSWORD"] == ini["mlflow"]["admin_password"] != "password1234"
+    before = (d / "mlflow.env").read_text()
+    subprocess.run(["bash", str(ROOT / "scripts" / "make_mlflow_credentials.sh")], env=env, check=True,
+                   capture_output=True)
+    assert (d / "mlflow.env").read_text() == before  # kept unless --force
