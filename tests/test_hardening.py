@@ -97,8 +97,10 @@ def _start_mlflow_server(db: str, port: int):
     import time
     import urllib.request
 
+    folder = os.path.dirname(db)  # artifacts too: the server's default is ./mlartifacts
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{db}",
-                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                             "--artifacts-destination", os.path.join(folder, "artifacts"),
+                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], cwd=folder,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
