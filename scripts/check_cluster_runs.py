@@ -1,7 +1,7 @@
 """Check what a cluster run left in MLflow (used by scripts/local_cluster_e2e.sh).
 
 Expects, in `--experiment`, two pipeline invocations (parent runs), the older first:
-  1. the whole pipeline: nested stage runs of every stage kind, all FINISHED;
+  1. the whole pipeline: nested stage runs of every stage kind (the report too), all FINISHED;
   2. `--stage fuse --force`: exactly one nested run, of the fuse stage.
 Exits non-zero with the reason when that is not what the tracking server holds.
 """
@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 
-KINDS = {"shard", "augment", "train", "evaluate", "fuse"}
+KINDS = {"shard", "augment", "train", "evaluate", "fuse", "report"}
 
 
 def main(argv: list[str] | None = None) -> int:
