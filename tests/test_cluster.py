@@ -125,7 +125,7 @@ def test_local_cluster_end_to_end(tmp_path):
     assert proc.returncode == 0, out[-8000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     stages = summary["pipeline_run"]["stages"]
-    assert {s.split("/")[0] for s in stages} == {"shard", "augment", "train", "evaluate", "fuse"}
+    assert {s.split("/")[0] for s in stages} == {"shard", "augment", "train", "evaluate", "fuse", "report"}
     assert {"train/A", "train/D", "train/D-jit", "evaluate/D", "evaluate/D-jit"} <= set(stages)
     assert summary["fuse_run"]["stages"] == ["fuse"]
     assert summary["tracking_uri"] == "http://127.0.0.1:5000" and summary["fuse_artifacts"]

@@ -98,25 +98,29 @@ def _start_mlflow_server(db: str, port: int):
     import urllib.request
 
     folder = os.path.dirname(db)  # artifacts too: the server's default is ./mlartifacts
+    log = open(os.path.join(folder, f"server-{port}.log"), "ab")
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{db}",
                              "--artifacts-destination", os.path.join(folder, "artifacts"),
                              "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], cwd=folder,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
         try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
             return proc
         except OSError:
             time.sleep(1)
-    proc.kill()
-    raise RuntimeError("mlflow server did not start")
+    _stop(proc)
+    raise RuntimeError(f"mlflow server did not start: {open(log.name, 'rb').read()[-3000:].decode(errors='replace')}")
 
 
 def _stop(proc) -> None:
     import signal
 
-    os.killpg(proc.pid, signal.SIGKILL)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
     proc.wait()
 
 
@@ -152,11 +156,13 @@ def test_a_lost_tracking_server_fails_the_stage_within_the_bound(ray_session, tm
             run_pipeline(cfg, ["shard", "augment", "train/A"])
         assert time.monotonic() - killed["at"] < 120  # bounded: about 20 s per call, not a quarter hour
         assert Store(cfg.work_dir).latest("train/A") is None  # nothing published
-        server = _start_mlflow_server(db, port)  # back: the rerun resumes and logs every epoch
+        # a store that answers again (here: the work_dir's SQLite, to spare a second server
+        # start): the rerun resumes, trains nothing more, and logs every epoch
+        monkeypatch.delenv("MLFLOW_TRACKING_URI")
         run = run_pipeline(cfg, ["shard", "augment", "train/A"])
         assert run.status_of("train/A") == "ran"
         rec = next(r for r in run.records if r.stage_id == "train/A")
-        steps = [m.step for m in MlflowClient(uri).get_metric_history(rec.run_id, "train_loss")]
+        steps = [m.step for m in MlflowClient(run.tracking_uri).get_metric_history(rec.run_id, "train_loss")]
         assert sorted(steps) == [0, 1, 2, 3]
     finally:
         if server.poll() is None:
