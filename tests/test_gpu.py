@@ -12,26 +12,15 @@ import sys
 
 import pytest
 import torch
-from torch import nn
 
 from pipeline.config import NetPlan, TrainConfig
 from stages import train as T
 from stages.steps import Precision, Scorer
 from stages.vgg import build_vgg
 from tests.conftest import ROOT
+from tests.test_vgg import lively
 
 CUDA = torch.cuda.is_available()
-
-
-def lively(net, seed=0):
-    """He-scale weights and small biases: O(1) scores, so the precision matters."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                nn.init.kaiming_uniform_(m.weight, nonlinearity="relu")
-                m.bias.uniform_(-0.1, 0.1)
-    return net.eval()
 
 
 def test_bf16_channels_last_posteriors_stay_close_to_fp32():
