@@ -157,14 +157,12 @@ def main(argv: list[str] | None = None) -> int:
         known = user_error(e)
         if known is None:
             raise
+        line = f"error: {_message(known, cfg and cfg.work_dir)}"
         if args.verbose:
             traceback.print_exception(type(e), e, e.__traceback__)
-            print(f"error: {_message(known, cfg and cfg.work_dir)}", file=sys.stderr)
-        elif not getattr(known, "keep_traceback", True):
-            print(f"error: {_message(known, cfg and cfg.work_dir)}", file=sys.stderr)
-        else:
-            print(f"error: {_message(known, cfg and cfg.work_dir)} (traceback: {_save_traceback(e)}; "
-                  "--verbose prints it)", file=sys.stderr)
+        elif getattr(known, "keep_traceback", True):
+            line += f" (traceback: {_save_traceback(e)}; --verbose prints it)"
+        print(line, file=sys.stderr)
         return 2
     print_summary(run)
     return 0

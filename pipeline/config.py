@@ -331,7 +331,6 @@ def validate(cfg: PipelineConfig) -> None:
     r = cfg.report
     _check(r.bootstrap_samples >= 100, "report.bootstrap_samples", f"must be >= 100, got {r.bootstrap_samples}")
     _check(0.5 <= r.confidence < 1, "report.confidence", f"must be in [0.5, 1), got {r.confidence}")
-    _check(r.seed >= 0, "report.seed", f"must be >= 0, got {r.seed}")
     method, _, scales = r.compare_mode.partition("@")
     _check(method in METHODS and scales in ("single", "multi"), "report.compare_mode",
            f"expected method@scales, method one of {list(METHODS)}, scales single|multi, got {r.compare_mode!r}")
