@@ -21,6 +21,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 
 from pipeline.errors import UserError
+from vgg.paper import ARCHS, jitter_at, parse_member, parse_mode, parse_scale
 
 DEFAULT_CONFIG = "configs/demo.yaml"
 
@@ -331,15 +332,12 @@ def validate(cfg: PipelineConfig) -> None:
     r = cfg.report
     _check(r.bootstrap_samples >= 100, "report.bootstrap_samples", f"must be >= 100, got {r.bootstrap_samples}")
     _check(0.5 <= r.confidence < 1, "report.confidence", f"must be in [0.5, 1), got {r.confidence}")
-    method, _, scales = r.compare_mode.partition("@")
-    _check(method in METHODS and scales in ("single", "multi"), "report.compare_mode",
-           f"expected method@scales, method one of {list(METHODS)}, scales single|multi, got {r.compare_mode!r}")
+    try:
+        parse_mode(r.compare_mode)
+    except ValueError as e:
+        raise ConfigError(f"report.compare_mode: {e}") from None
     if cfg.ray.num_cpus is not None:
         _check(cfg.ray.num_cpus >= 1, "ray.num_cpus", "must be >= 1")
-
-
-ARCHS = ("A", "A-LRN", "B", "C", "D", "E")
-METHODS = ("dense", "multi-crop", "multi-crop+dense")
 
 
 def _validate_train(cfg: PipelineConfig) -> None:
@@ -415,27 +413,27 @@ def _validate_evaluate(cfg: PipelineConfig) -> None:
     evaluated = e.nets if e.nets is not None else list(cfg.train.nets)
     _check(len(set(cfg.fuse.members)) == len(cfg.fuse.members), "fuse.members", f"repeated members in {cfg.fuse.members}")
     for m in cfg.fuse.members:
-        net, _, mode = m.partition(":")
-        _check(net in evaluated, "fuse.members", f"{m!r}: net {net!r} is not evaluated (evaluate.nets = {evaluated})")
-        method, _, scales = mode.partition("@")
+        try:
+            net, _ = parse_member(m)
+        except ValueError as e:
+            raise ConfigError(f"fuse.members: {e}") from None
         _check(net in cfg.train.nets, "fuse.members", f"{m!r}: net {net!r} is not in train.nets")
-        _check(method in METHODS and scales in ("single", "multi"), "fuse.members", f"{m!r}: expected net:method@scales, method one of {list(METHODS)}, scales single|multi")
+        _check(net in evaluated, "fuse.members", f"{m!r}: net {net!r} is not evaluated (evaluate.nets = {evaluated})")
 
 
 def _check_scale(scale: int | list[int], crop: int, key: str) -> tuple[int, int]:
-    """A training scale S or [Smin, Smax]: Smin <= Smax, and the crop fits in Smin."""
-    lo, hi = (scale, scale) if isinstance(scale, int) else (tuple(scale) + (None, None))[:2]
-    _check(isinstance(scale, int) or len(scale) == 2, key, f"expected S or [Smin, Smax], got {scale}")
-    _check(lo <= hi, key, f"Smin ({lo}) must be <= Smax ({hi})")
-    _check(lo >= crop, key, f"the crop (augment.crop = {crop}) is larger than the smallest scale {lo}")
-    return lo, hi
+    """A training scale S or [Smin, Smax] (vgg.paper.parse_scale)."""
+    try:
+        return parse_scale(scale, crop)
+    except ValueError as e:
+        raise ConfigError(f"{key}: {e} (augment.crop = {crop})") from None
 
 
 def check_scale_of(a: AugmentConfig) -> tuple[int, int]:
-    """The [Smin, Smax] used by the augment stage's checks."""
+    """The [Smin, Smax] used by the augment stage's checks: the paper's [256, 512] at the crop."""
     if a.check_scale is not None:
         return tuple(a.check_scale)  # type: ignore[return-value]
-    return round(a.crop * 8 / 7), round(a.crop * 16 / 7)
+    return jitter_at(a.crop)
 
 
 # ---------------------------------------------------------------- loading

@@ -1,10 +1,11 @@
-"""The pipeline as data: a table of stages, their upstream stages and config sections.
+"""The pipeline as data: each kind of stage declared once (`KINDS`: its code, typed
+config section, typed inputs and output artifact, whether it needs Ray), and the
+stages of a config (`build_dag`) with the upstream stage feeding each input.
 
-Stage ids: `shard`, `augment`, `train/<net>`, `evaluate/<net>`, `fuse` (net names
-come from the config). Each stage names the module function that runs it
-(imported only when the stage runs, so listing the DAG stays fast), the
-config sections it depends on, and its upstream stages. Its cache key hashes
-exactly those sections, its upstream stages' keys and the package version.
+Stage ids: `shard`, `augment`, `train/<net>`, `evaluate/<net>`, `fuse`, `report`
+(net names come from the config). A stage's code is imported only when it runs, so
+listing the DAG stays fast. Its cache key hashes exactly its config section, its
+upstream stages' keys and the package version.
 """
 
 from __future__ import annotations
@@ -16,33 +17,161 @@ import json
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
-from pipeline.config import PipelineConfig, to_dict
+from pipeline.config import (AugmentConfig, DataConfig, EvaluateConfig, FuseConfig, NetPlan, PipelineConfig,
+                             ReportConfig, ShardConfig, TrainConfig, to_dict)
+from pipeline.storage import StageOutput
+from vgg.artifacts import Augmentation, Evaluation, Fusion, Report, Shards, TrainedNet
+from vgg.paper import parse_member
 
 PACKAGE = "vgg-pipeline"
+
+
+# ------------------------------------------------------------------ sections and inputs
+# Each stage kind's config section (what its cache key hashes, passed to its `run` as
+# `config`) and its inputs (typed artifacts, `vgg.artifacts`, passed as `inputs`).
+
+
+@dataclass(frozen=True)
+class ShardSection:
+    data: DataConfig
+    shard: ShardConfig
+
+
+@dataclass(frozen=True)
+class ShardInputs:
+    pass
+
+
+@dataclass(frozen=True)
+class AugmentSection:
+    augment: AugmentConfig
+
+
+@dataclass(frozen=True)
+class AugmentInputs:
+    shards: Shards
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    train: TrainConfig  # the recipe (its `nets` left out: each net's plan is `net`)
+    net: NetPlan
+    name: str
+
+
+@dataclass(frozen=True)
+class TrainInputs:
+    shards: Shards
+    augmentation: Augmentation
+    #: The net this one is initialised from (NetPlan.init: from_A or full), if any.
+    init: TrainedNet | None = None
+
+
+@dataclass(frozen=True)
+class EvaluateSection:
+    evaluate: EvaluateConfig  # its `nets` left out
+    net: NetPlan
+    name: str
+
+
+@dataclass(frozen=True)
+class EvaluateInputs:
+    shards: Shards
+    augmentation: Augmentation
+    net: TrainedNet
+
+
+@dataclass(frozen=True)
+class FuseSection:
+    fuse: FuseConfig
+
+
+@dataclass(frozen=True)
+class FuseInputs:
+    #: net name -> its evaluation, for every net a member names
+    evaluations: dict[str, Evaluation]
+
+
+@dataclass(frozen=True)
+class ReportSection:
+    report: ReportConfig
+
+
+@dataclass(frozen=True)
+class ReportInputs:
+    #: net name -> its evaluation, for every evaluated net
+    evaluations: dict[str, Evaluation]
+    fusion: Fusion | None = None
+
+
+@dataclass(frozen=True)
+class Kind:
+    """The declaration of a kind of stage: its code, config section, inputs and output."""
+
+    entry: str  # "module:function" run(config, inputs, ctx) -> StageResult
+    section: type
+    inputs: type
+    output: type  # the Artifact its consumers receive
+    needs_ray: bool = True
+    check: str | None = None  # "module:function" check(config), before anything starts
+
+
+KINDS = {
+    "shard": Kind("stages.shard:run", ShardSection, ShardInputs, Shards, check="stages.shard:check"),
+    "augment": Kind("stages.augment:run", AugmentSection, AugmentInputs, Augmentation),
+    "train": Kind("stages.train:run", TrainSection, TrainInputs, TrainedNet),
+    "evaluate": Kind("stages.evaluate:run", EvaluateSection, EvaluateInputs, Evaluation),
+    "fuse": Kind("stages.fuse:run", FuseSection, FuseInputs, Fusion, needs_ray=False),
+    "report": Kind("stages.report:run", ReportSection, ReportInputs, Report, needs_ray=False),
+}
 
 
 @dataclass(frozen=True)
 class StageSpec:
     id: str
-    kind: str  # shard | augment | train | evaluate | fuse | report
-    upstream: tuple[str, ...]
-    #: The resolved config this stage depends on: {name: dataclass or value}.
-    section: dict[str, Any]
-    #: "module:function" taking a StageContext and returning a StageResult.
-    entry: str
-    #: Whether the stage needs a Ray cluster.
-    needs_ray: bool = True
-    #: "module:function" taking the section: checks what can be checked before any work
-    #: starts (e.g. the dataset's layout), raising a UserError.
-    check: str | None = None
+    kind: str  # a key of KINDS
+    #: The stage's config section (a KINDS[kind].section instance).
+    section: Any
+    #: inputs field -> the upstream stage id feeding it (a dict field: a tuple of ids).
+    wiring: dict[str, str | tuple[str, ...]] = dataclasses.field(default_factory=dict)
+
+    @property
+    def decl(self) -> Kind:
+        return KINDS[self.kind]
+
+    @property
+    def upstream(self) -> tuple[str, ...]:
+        ids: list[str] = []
+        for v in self.wiring.values():
+            ids += [v] if isinstance(v, str) else list(v)
+        return tuple(dict.fromkeys(ids))
+
+    @property
+    def needs_ray(self) -> bool:
+        return self.decl.needs_ray
 
     def load(self) -> Callable:
-        return _resolve(self.entry)
+        return _resolve(self.decl.entry)
 
     def load_check(self) -> Callable | None:
-        return _resolve(self.check) if self.check else None
+        return _resolve(self.decl.check) if self.decl.check else None
+
+    def inputs(self, outputs: Mapping[str, StageOutput]) -> Any:
+        """The typed inputs of this stage from the completed outputs of its upstream stages."""
+        kinds = KINDS
+        values = {}
+        for name, source in self.wiring.items():
+            if isinstance(source, str):
+                values[name] = KINDS[_kind_of(source)].output(outputs[source])
+            else:  # {net name: artifact}
+                values[name] = {sid.split("/", 1)[1]: kinds[_kind_of(sid)].output(outputs[sid]) for sid in source}
+        return self.decl.inputs(**values)
+
+
+def _kind_of(stage_id: str) -> str:
+    return stage_id.split("/", 1)[0]
 
 
 def _resolve(entry: str) -> Callable:
@@ -73,71 +202,31 @@ def cache_key(spec: StageSpec, upstream_keys: dict[str, str]) -> str:
 def build_dag(cfg: PipelineConfig) -> dict[str, StageSpec]:
     """All stages of this config, in dependency (topological) order."""
     stages = [
-        StageSpec(
-            id="shard",
-            kind="shard",
-            upstream=(),
-            section={"data": cfg.data, "shard": cfg.shard},
-            entry="stages.shard:run",
-            check="stages.shard:check",
-        ),
-        StageSpec(
-            id="augment",
-            kind="augment",
-            upstream=("shard",),
-            section={"augment": cfg.augment},
-            entry="stages.augment:run_stage",
-        ),
+        StageSpec("shard", "shard", ShardSection(cfg.data, cfg.shard)),
+        StageSpec("augment", "augment", AugmentSection(cfg.augment), {"shards": "shard"}),
     ]
     # Training plan: train/<net> depends on the data, the augmentation spec and,
     # through `init`, on the net it starts from (paper section 3.1).
     common = dataclasses.replace(cfg.train, nets={})
+    data = {"shards": "shard", "augmentation": "augment"}
     for name, net in cfg.train.nets.items():
-        ups = ("shard", "augment") + ((net.init_source,) if net.init_source else ())
-        stages.append(
-            StageSpec(
-                id=f"train/{name}",
-                kind="train",
-                upstream=ups,
-                section={"train": common, "net": net, "name": name},
-                entry="stages.train:run",
-            )
-        )
+        init = {"init": net.init_source} if net.init_source else {}
+        stages.append(StageSpec(f"train/{name}", "train", TrainSection(common, net, name), {**data, **init}))
     evaluated = cfg.evaluate.nets if cfg.evaluate.nets is not None else list(cfg.train.nets)
+    common_eval = dataclasses.replace(cfg.evaluate, nets=None)
     for name in evaluated:
-        stages.append(
-            StageSpec(
-                id=f"evaluate/{name}",
-                kind="evaluate",
-                upstream=("shard", "augment", f"train/{name}"),
-                section={"evaluate": dataclasses.replace(cfg.evaluate, nets=None), "net": cfg.train.nets[name], "name": name},
-                entry="stages.evaluate:run",
-            )
-        )
+        stages.append(StageSpec(f"evaluate/{name}", "evaluate",
+                                EvaluateSection(common_eval, cfg.train.nets[name], name),
+                                {**data, "net": f"train/{name}"}))
     if cfg.fuse.members:
-        members = sorted({m.split(":", 1)[0] for m in cfg.fuse.members})
-        stages.append(
-            StageSpec(
-                id="fuse",
-                kind="fuse",
-                upstream=tuple(f"evaluate/{n}" for n in members),
-                section={"fuse": cfg.fuse},
-                entry="stages.fuse:run",
-                needs_ray=False,
-            )
-        )
-    results = tuple(s.id for s in stages if s.kind in ("evaluate", "fuse"))
-    if results:  # the paper's tables and claims from every evaluation and the fusion
-        stages.append(
-            StageSpec(
-                id="report",
-                kind="report",
-                upstream=results,
-                section={"report": cfg.report},
-                entry="stages.report:run",
-                needs_ray=False,
-            )
-        )
+        members = sorted({parse_member(m)[0] for m in cfg.fuse.members})
+        stages.append(StageSpec("fuse", "fuse", FuseSection(cfg.fuse),
+                                {"evaluations": tuple(f"evaluate/{n}" for n in members)}))
+    evaluations = tuple(s.id for s in stages if s.kind == "evaluate")
+    if evaluations:  # the paper's tables and claims from every evaluation and the fusion
+        fusion = {"fusion": "fuse"} if cfg.fuse.members else {}
+        stages.append(StageSpec("report", "report", ReportSection(cfg.report),
+                                {"evaluations": evaluations, **fusion}))
     stages = _topological(stages)
     dag = {s.id: s for s in stages}
     _check_order(dag)

@@ -8,10 +8,10 @@ MLflow and publishes the output atomically.
 from __future__ import annotations
 
 import os
-import posixpath
 import sys
 import time
 import traceback
+from typing import Any
 from dataclasses import dataclass, field
 
 import mlflow
@@ -21,7 +21,8 @@ from pipeline.config import PipelineConfig, to_dict
 from pipeline.errors import TrackingServerLost, UserError
 from pipeline.dag import StageSpec, build_dag, cache_key, package_version, upstream_closure
 from pipeline.stage import StageContext, StageResult, TrackingInfo
-from pipeline.storage import StageOutput, Store, is_local, read_bytes, resolve_uri, write_json
+from pipeline.storage import StageOutput, Store, is_local, resolve_uri, write_json
+from vgg.artifacts import MARKDOWN_FILE, PLOT_FILE, TABLES_DIR, Report
 
 
 class PipelineError(UserError, RuntimeError):
@@ -236,14 +237,15 @@ def _log_parent_end(run: PipelineRun) -> None:
     )
 
 
-def _log_report(report: StageOutput) -> None:
+def _log_report(output: StageOutput) -> None:
     """The report stage's tables, Markdown and plot, also into the parent run (where a
     reader of the invocation looks first), and its Markdown on the console."""
-    for name in report.read_json("manifest.json").get("tables", []):
-        mlflow.log_table(report.read_json(posixpath.join("tables", name)), artifact_file=f"tables/{name}")
-    markdown = read_bytes(report.fs, report.join("results.md")).decode()
-    mlflow.log_text(markdown, "tables/results.md")
-    tracking.log_output_files(report, ["error_vs_depth.png"], "tables")
+    report = Report(output)
+    for name, table in report.tables().items():
+        mlflow.log_table(table, artifact_file=f"{TABLES_DIR}/{name}")
+    markdown = report.markdown()
+    mlflow.log_text(markdown, f"{TABLES_DIR}/{MARKDOWN_FILE}")
+    tracking.log_output_files(output, [PLOT_FILE], TABLES_DIR)
     print("\n" + markdown, flush=True)
 
 
@@ -278,10 +280,10 @@ def _execute(
             tracking.log_params(tracking.params_of(spec.section))
             ups = {u: inputs[u] for u in spec.upstream}
             mlflow.set_tags({f"input.{u}": f"{o.key} {o.uri}" for u, o in ups.items()})
-            ctx = StageContext(spec.id, spec.kind, spec.section, ups, tmp, info, key, store.scratch(spec.id, key),
+            ctx = StageContext(spec.id, tmp, info, key, store.scratch(spec.id, key),
                                published_uri=store.output(spec.id, key).uri)
             try:
-                result: StageResult = spec.load()(ctx)
+                result: StageResult = spec.load()(spec.section, spec.inputs(ups), ctx)
                 seconds = time.monotonic() - t0
                 _log_result(tmp, result, seconds, spec.section)
                 final = store.publish(
@@ -313,7 +315,7 @@ def _execute(
     return StageRecord(spec.id, spec.kind, key, "ran", seconds, final.uri, run.info.run_id)
 
 
-def _log_result(out: StageOutput, result: StageResult, seconds: float, section: dict) -> None:
+def _log_result(out: StageOutput, result: StageResult, seconds: float, section: Any) -> None:
     """The stage's small results: params, metrics, tables, manifest, resolved config, files."""
     if result.params:
         tracking.log_params({k: str(v) for k, v in result.params.items()})

@@ -1,9 +1,10 @@
 """What a stage function receives and returns.
 
-A stage module exposes `run(ctx: StageContext) -> StageResult`. It reads its
-typed config from `ctx.section`, its upstream outputs from `ctx.inputs`, writes
-its (possibly large) outputs under `ctx.out`, and returns its small results.
-The runner does the rest: MLflow logging, publishing, caching.
+A stage module exposes `run(config, inputs, ctx) -> StageResult`: `config` is its
+typed config section and `inputs` its typed upstream artifacts (both declared in
+`pipeline.dag`); it writes its (possibly large) outputs under `ctx.out` and returns
+its small results. The runner does the rest: wiring, MLflow logging, publishing,
+caching.
 """
 
 from __future__ import annotations
@@ -28,12 +29,9 @@ class TrackingInfo:
 
 @dataclass
 class StageContext:
+    """The runtime services of one stage run (not its config or inputs)."""
+
     stage_id: str
-    kind: str
-    #: The stage's typed config (exactly what its cache key hashes).
-    section: dict[str, Any]
-    #: Completed outputs of the upstream stages, by stage id.
-    inputs: dict[str, StageOutput]
     #: The (temporary) output directory; published atomically when run() returns.
     out: StageOutput
     tracking: TrackingInfo

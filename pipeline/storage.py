@@ -91,10 +91,10 @@ class StageOutput:
         """Path of a file inside the output (for `fs`)."""
         return posixpath.join(self.path, *parts)
 
-    def local(self, *parts: str) -> str:
-        """Local path of a file inside the output (local filesystems only)."""
-        if not is_local(self.fs):
-            raise ValueError(f"{self.uri} is not on a local filesystem")
+    def file_uri(self, *parts: str) -> str:
+        """URI of a file inside the output (a path for local outputs), for another process."""
+        if "://" in self.uri:
+            return "/".join([self.uri.rstrip("/"), *parts])
         return self.join(*parts)
 
     def read_json(self, *parts: str) -> Any:

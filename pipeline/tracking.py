@@ -210,7 +210,7 @@ def mark_stale_runs(uri: str, experiment_id: str, work_dir: str) -> list[str]:
     return stale
 
 
-def params_of(section: dict[str, Any]) -> dict[str, str]:
+def params_of(section: Any) -> dict[str, str]:
     """A config section as MLflow params (dotted keys, values as strings, length-capped)."""
     out = {}
     for k, v in flatten(to_dict(section)).items():
@@ -246,22 +246,3 @@ def _subdir(name: str, artifact_path: str | None) -> str | None:
     parent = posixpath.dirname(name)
     parts = [p for p in (artifact_path, parent) if p]
     return "/".join(parts) or None
-
-
-def runs_of(uri: str, experiment_id: str, parent_run_id: str | None = None) -> list[mlflow.entities.Run]:
-    """All runs of the experiment (optionally only the children of one parent)."""
-    client = MlflowClient(uri)
-    flt = f"tags.mlflow.parentRunId = '{parent_run_id}'" if parent_run_id else ""
-    return client.search_runs([experiment_id], filter_string=flt, max_results=5000)
-
-
-if __name__ == "__main__":  # python -m pipeline.tracking --wait URI [SECONDS]: wait for a server
-    import sys
-
-    if len(sys.argv) not in (3, 4) or sys.argv[1] != "--wait":
-        sys.exit("usage: python -m pipeline.tracking --wait URI [SECONDS]")
-    try:
-        check_reachable(sys.argv[2], float(sys.argv[3]) if len(sys.argv) == 4 else 300.0)
-    except ConnectionError as e:
-        sys.exit(str(e))
-    print(f"MLflow tracking server {sys.argv[2]} is up")

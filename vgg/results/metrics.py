@@ -34,6 +34,8 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from vgg.paper import within_topk
+
 ROW_SUM_TOL = 1e-3  # rows of `probs` must sum to 1 within this
 FORMAT = "vgg-posteriors/1"  # schema metadata b"format"
 _N_EXAMPLES = 3  # examples named in an error message
@@ -220,10 +222,7 @@ def topk_hits(probs: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
         raise ValueError(f"k = {k} is outside [1, K = {num_classes}]")
     hits = np.zeros(n, dtype=bool)
     for s in range(0, n, _CHUNK):  # blocks bound the (rows, K) boolean temporaries
-        p, y = probs[s:s + _CHUNK], labels[s:s + _CHUNK]
-        true = p[np.arange(len(y)), y]
-        rivals = (p >= true[:, None]).sum(axis=1) - 1  # other classes scoring >= the true one
-        hits[s:s + _CHUNK] = (rivals < k) & np.isfinite(p).all(axis=1)
+        hits[s:s + _CHUNK] = within_topk(probs[s:s + _CHUNK], labels[s:s + _CHUNK], k)
     return hits
 
 

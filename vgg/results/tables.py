@@ -5,7 +5,7 @@ builders that return column dicts (`{column: [values]}`, for
 `mlflow.log_table(data=...)` or `pandas.DataFrame`), Markdown, and a plot.
 
 All errors in this module are in **percent** (ILSVRC-2012 val, like the paper);
-`EvalRow.from_errors` converts the fractions of `stages.metrics.errors`.
+`EvalRow.from_errors` converts the fractions of `vgg.results.metrics.errors`.
 
 Vocabulary:
 - train scale: an int S, or (Smin, Smax) for scale jittering; the paper's are
@@ -29,35 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-# Weight layers per net (Table 1); the x axis of the error-vs-depth plot.
-DEPTH = {"A": 11, "A-LRN": 11, "B": 13, "C": 16, "D": 16, "E": 19}
-ARCHS = tuple(DEPTH)
-METHODS = ("dense", "multi-crop", "multi-crop+dense")
-SCALES = ("single", "multi")
-TRAIN_SCALES = ("256", "384", "256-512")  # the paper's, in table order
-JITTER = (256, 512)  # Sec. 3.1: S in [256, 512]
-PAPER_CROP = 224  # every pixel constant of the protocol is given for 224-px crops
-Q_OFFSET = 32  # Sec. 4.2: a net trained at fixed S is tested at Q = {S-32, S, S+32}
-
-
-def at_crop(pixels: int, crop: int) -> int:
-    """One of the paper's pixel constants (given for crop 224) translated to `crop`:
-    pixels * crop / 224, rounded (32 -> 32 at crop 224, 5 at crop 32, 9 at crop 64)."""
-    return max(1, int(pixels * crop / PAPER_CROP + 0.5))
-
-
-def scales_for_testing(smin: int, smax: int, crop: int) -> tuple[int, list[int]]:
-    """The paper's test scales (Sec. 3.2, 4.2) for a training scale [smin, smax] (smin = smax:
-    fixed S) at crop `crop`: (single Q, multi Qs). Fixed S: S and {S-d, S, S+d} with
-    d = 32 * crop / 224 (the paper's +-32 at crop 224, scaled with the crop); jittered:
-    the middle and {Smin, middle, Smax}. A Q below the crop is raised to it."""
-    mid = (smin + smax) // 2
-    if smin == smax:
-        d = at_crop(Q_OFFSET, crop)
-        multi = [smin - d, smin, smin + d]
-    else:
-        multi = [smin, mid, smax]
-    return mid, [max(crop, q) for q in multi]
+from vgg.paper import ARCHS, DEPTH, JITTER, METHODS, PAPER_CROP, SCALES, TRAIN_SCALES, scales_for_testing
 
 # (table, net, train scale, method) -> (top-1, top-5) error %, ILSVRC-2012 val.
 PAPER: dict[tuple[int, str, str, str], tuple[float, float]] = {

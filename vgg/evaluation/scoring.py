@@ -1,9 +1,8 @@
-"""The per-batch computations of training and evaluation: one SGD step, top-k hits, and
-the two ways a trained net scores an image (multi-crop windows, dense), at the
-configured precision.
+"""How a trained net scores an image (Sec. 3.2): a grid of crop-sized windows (multi-crop)
+or the fully-convolutional net over the whole image (dense), at the configured precision.
 
-Torch and numpy only (no DALI, Ray, MLflow or pyarrow import): the train and evaluate
-stages run these, and so does `benchmarks/bench_gpu.py --synthetic` on a bare GPU box.
+Torch and numpy only (like `vgg.training.steps`): `benchmarks/bench_gpu.py --synthetic`
+runs it on a bare GPU box.
 """
 
 from __future__ import annotations
@@ -13,56 +12,8 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-TOPK = (1, 5)
-
-
-# ---------------------------------------------------------------- precision
-@dataclass(frozen=True)
-class Precision:
-    """bf16 autocast and channels_last memory layout (GPU speed; both work on a CPU too)."""
-
-    bf16: bool = False
-    channels_last: bool = False
-
-    def images(self, x: torch.Tensor) -> torch.Tensor:
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
-
-    def net(self, net: nn.Module) -> nn.Module:
-        return net.to(memory_format=torch.channels_last) if self.channels_last else net
-
-    def autocast(self, device: torch.device):
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16)
-
-
-# ---------------------------------------------------------------- training
-def topk_hits(logits: torch.Tensor, labels: torch.Tensor, ks=TOPK) -> list[torch.Tensor]:
-    """Top-k hits per k; ties count against the true class and a row with a non-finite
-    score is a miss (as stages.metrics.topk_hits)."""
-    true = logits.gather(1, labels[:, None])  # (B, 1)
-    rivals = (logits >= true).sum(1) - 1  # other classes scoring >= the true one
-    finite = torch.isfinite(logits).all(1)
-    return [((rivals < k) & finite).sum().double() for k in ks]
-
-
-def sgd_step(net: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
-             labels: torch.Tensor, per_worker_batch: int, precision: Precision) -> torch.Tensor:
-    """One SGD step on a (possibly empty) batch; -> [loss sum, images, top-1 hits, top-5 hits].
-
-    The loss is the per-image sum over the batch / the per-worker batch, so after DDP's
-    gradient averaging every image weighs 1 / global batch (also in partial batches)."""
-    images = precision.images(images)
-    with precision.autocast(images.device):
-        logits = net(images)  # (B, classes)
-    loss_sum = F.cross_entropy(logits.float(), labels, reduction="sum")
-    optimizer.zero_grad(set_to_none=True)
-    (loss_sum / per_worker_batch).backward()
-    optimizer.step()
-    with torch.no_grad():
-        n = torch.tensor(float(len(labels)), dtype=torch.float64, device=images.device)
-        return torch.stack([loss_sum.detach().double(), n, *topk_hits(logits.detach().float(), labels)])
+from vgg.training.steps import Precision
 
 
 # ---------------------------------------------------------------- evaluation
@@ -87,7 +38,7 @@ def grid_crops(images: torch.Tensor, crop: int, g: int, flips: bool) -> torch.Te
 
 @dataclass
 class Scorer:
-    """How evaluation runs a net (stages.vgg.VGG): class scores of crop-sized windows, and
+    """How evaluation runs a net (vgg.models.VGG): class scores of crop-sized windows, and
     the spatially averaged score map of the fully-convolutional net (Sec. 3.2), each at
     the configured precision, optionally through torch.compile."""
 

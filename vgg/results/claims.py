@@ -4,7 +4,7 @@ Pure library code. Each claim of the paper ("What the paper concludes") becomes 
 comparisons that a run's plan allows: pairs of evaluations (`EvalRow.member_id`, or
 "fusion") whose top-1 errors the claim orders. A comparison's difference is
 err(first) - err(second) in percentage points, with a paired bootstrap interval
-(`stages.metrics.bootstrap_errors`: both members scored on the same resamples of
+(`vgg.results.metrics.bootstrap_errors`: both members scored on the same resamples of
 the same images). Verdicts:
 
 - "lower" comparisons (first should have the lower error): held if the whole
@@ -16,14 +16,14 @@ the same images). Verdicts:
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from stages.metrics import interval
-from stages.paper import EvalRow, FusionRow, train_scale_key
+from vgg.paper import slug
+from vgg.results.metrics import interval
+from vgg.results.tables import EvalRow, FusionRow, train_scale_key
 
 CLAIMS = {
     1: "LRN does not help (A-LRN ~ A)",
@@ -186,11 +186,6 @@ def table(rows: Sequence[ClaimRow]) -> dict[str, list]:
         for c, v in zip(cols, values):
             cols[c].append(v)
     return cols
-
-
-def slug(text: str) -> str:
-    """An MLflow-safe key part: "B:dense@single vs A:dense@single" -> "B_dense_single_vs_A_dense_single"."""
-    return re.sub(r"[^A-Za-z0-9_.\-]+", "_", text).strip("_")
 
 
 def metrics_and_tags(rows: Sequence[ClaimRow]) -> tuple[dict[str, float], dict[str, str]]:

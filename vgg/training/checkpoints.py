@@ -1,0 +1,135 @@
+"""Model files: model.pt (the trained net and what made it), the starting weights of a
+train stage (random, Glorot, from A, from a whole net) and imported torchvision weights.
+
+`save_model` / `load_model` are the only writer and reader of model.pt
+(`vgg.artifacts.TrainedNet` points at it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import posixpath
+from typing import Any, Mapping
+
+import torch
+
+from pipeline.config import NetPlan, TrainConfig
+from pipeline.storage import StageOutput, exists, read_bytes, resolve_uri, write_bytes
+from vgg.artifacts import MODEL_FILE, TrainedNet
+from vgg.models import VGG, build_vgg, init_from, load_full, map_torchvision_state
+
+INIT_WEIGHTS_FILE = "init_state.pt"  # in the scratch directory: the starting weights
+
+
+def save_model(out: StageOutput, net: VGG, meta: Mapping[str, Any]) -> tuple[int, str]:
+    """Write model.pt = {"state_dict", "arch", "width", "crop", "num_classes", "batch_norm",
+    **meta} into `out`; returns (bytes, sha256)."""
+    payload = {"state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+               "arch": net.name, "width": net.width, "crop": net.crop,
+               "num_classes": net.num_classes, "batch_norm": net.batch_norm, **meta}
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    data = buf.getvalue()
+    write_bytes(out.fs, out.join(MODEL_FILE), data)
+    return len(data), hashlib.sha256(data).hexdigest()
+
+
+def load_model(uri: str) -> tuple[VGG, dict[str, Any]]:
+    """(net in eval mode, meta) from a model.pt path or URI (`TrainedNet.model_uri`).
+
+    meta holds everything of model.pt but the weights: arch, width, crop, num_classes,
+    batch_norm, classes, net, config, epoch, val_top1_err, val_top5_err.
+    """
+    fs, path = resolve_uri(uri)
+    payload = torch.load(io.BytesIO(read_bytes(fs, path)), map_location="cpu", weights_only=True)
+    state = payload.pop("state_dict")
+    dropout = payload.get("config", {}).get("train", {}).get("dropout", 0.5)
+    net = empty_net(payload["arch"], num_classes=payload["num_classes"], width=payload["width"],
+                    crop=payload["crop"], dropout=dropout, batch_norm=payload.get("batch_norm", False))
+    load_full(net, state)
+    return net.eval(), payload
+
+
+def empty_net(arch: str, **options: Any) -> VGG:
+    """`build_vgg(arch, **options)` with uninitialised weights, to load a state into
+    (skips the random init: seconds for a full-size net)."""
+    with torch.device("meta"):
+        net = build_vgg(arch, **options)
+    return net.to_empty(device="cpu")
+
+
+def initial_model(t: TrainConfig, net_plan: NetPlan, num_classes: int, crop: int,
+                  source: TrainedNet | None) -> tuple[VGG, dict[str, Any]]:
+    """The net a train stage starts from, and a record of how it was initialised.
+
+    "random": N(0, init_std^2) weights, zero biases; "glorot": Xavier-uniform (both seeded
+    by train.seed); {from_A: train/X}: X's first four convs and three FCs copied over the
+    random init (Sec. 3.1), which is N(0, init_std^2) or, with `rest: glorot`, Xavier;
+    {full: train/X}: all of X's weights (same arch).
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(t.seed)
+        net = build_vgg(net_plan.arch, num_classes=num_classes, width=t.width, crop=crop,
+                        dropout=t.dropout, batch_norm=t.batch_norm,
+                        init=net_plan.random_init,
+                        init_std=t.init_std)
+    info: dict[str, Any] = {"init": net_plan.init if isinstance(net_plan.init, str) else dict(net_plan.init),
+                            "copied": []}
+    if net_plan.init_source is None:
+        return net, info
+    if source is None:
+        raise ValueError(f"init {net_plan.init}: the net {net_plan.init_source} is not among the inputs")
+    src_net, meta = source.load()
+    if "from_A" in net_plan.init:
+        info["copied"] = init_from(net, src_net.state_dict(), meta["arch"])
+    else:
+        load_full(net, src_net.state_dict())
+        info["copied"] = list(net.state_dict())
+    info.update(source=net_plan.init_source, source_uri=source.uri, source_epoch=meta.get("epoch"))
+    return net, info
+
+
+def import_weights(uri: str, arch: str, classes: list[str], crop: int,
+                   dropout: float = 0.5) -> VGG:
+    """A net of `arch` at width 1.0 holding a torchvision VGG state_dict (file path or URI).
+
+    num_classes comes from the checkpoint and must equal the dataset's; the crop follows
+    from FC1's input size (C5 x (crop/32)^2, 224 for torchvision) and must equal `crop`.
+    """
+    fs, path = resolve_uri(uri)
+    if not exists(fs, path):
+        raise FileNotFoundError(f"net.weights: {uri} does not exist")
+    state = torch.load(io.BytesIO(read_bytes(fs, path)), map_location="cpu", weights_only=True)
+    if isinstance(state, Mapping) and "state_dict" in state:  # a model.pt-like wrapper
+        state = state["state_dict"]
+    state = map_torchvision_state(state, arch)
+    fc1, fc3 = state["classifier.0.weight"], state["classifier.6.weight"]
+    if fc3.shape[0] != len(classes):
+        raise ValueError(f"net.weights: {uri} has {fc3.shape[0]} classes, the dataset has "
+                         f"{len(classes)}; import weights trained on the same classes")
+    c5 = max(v.shape[0] for k, v in state.items() if k.startswith("features.") and v.ndim == 4)
+    grid = math.isqrt(fc1.shape[1] // c5)
+    if grid * grid * c5 != fc1.shape[1] or 32 * grid != crop:
+        raise ValueError(f"net.weights: FC1 of {uri} takes {fc1.shape[1]} inputs, i.e. crop "
+                         f"{32 * grid} (C5 = {c5}); augment.crop is {crop}")
+    bn = any(k.endswith("running_mean") for k in state)
+    net = empty_net(arch, num_classes=len(classes), width=1.0, crop=crop, dropout=dropout,
+                    batch_norm=bn)
+    load_full(net, state)
+    return net
+
+
+def write_init_weights(scratch: StageOutput, net: VGG) -> str:
+    """The starting weights, in the scratch dir where every worker can read them; -> URI."""
+    buf = io.BytesIO()
+    torch.save(net.state_dict(), buf)
+    write_bytes(scratch.fs, scratch.join(INIT_WEIGHTS_FILE), buf.getvalue())
+    return posixpath.join(scratch.uri, INIT_WEIGHTS_FILE)
+
+
+def read_weights(uri: str) -> dict[str, torch.Tensor]:
+    """A state_dict written by `write_init_weights`."""
+    fs, path = resolve_uri(uri)
+    return torch.load(io.BytesIO(read_bytes(fs, path)), map_location="cpu", weights_only=True)
