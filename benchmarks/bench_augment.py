@@ -37,7 +37,8 @@ from torchvision import transforms
 from torchvision.transforms import functional as TF
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from stages.augment import AugmentSpec, build_train_loader  # noqa: E402
+from vgg.data.augmentation import AugmentSpec
+from vgg.data.loaders import build_train_loader  # noqa: E402
 
 SCHEMA = pa.schema([("key", pa.string()), ("label", pa.int32()), ("class_name", pa.string()),
                     ("image", pa.binary()), ("height", pa.int32()), ("width", pa.int32())])

@@ -13,15 +13,16 @@ Reads the latest train/<net>, shard and augment outputs of the work_dir; CPU, on
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import torch
 
 from pipeline.storage import Store
-from stages.augment import AugmentSpec, build_eval_loader
-from stages.steps import grid_crops
-from stages.train import load_model
-from stages.vgg import set_pool_rounding
+from vgg.data.loaders import build_eval_loader
+from vgg.evaluation.scoring import grid_crops
+from vgg.artifacts import Augmentation, Shards, TrainedNet
+from vgg.models import set_pool_rounding
 
 
 def main() -> None:
@@ -38,15 +39,15 @@ def main() -> None:
     missing = [sid for sid, o in outs.items() if o is None]
     if missing:
         raise SystemExit(f"no completed output of {', '.join(missing)} in {args.work_dir}")
-    spec = AugmentSpec.from_dict({**outs["augment"].read_json("spec.json"), "device": "cpu"})
-    net, meta = load_model(outs[f"train/{args.net}"])
+    spec = dataclasses.replace(Augmentation(outs["augment"]).spec(), device="cpu")
+    net, meta = TrainedNet(outs[f"train/{args.net}"]).load()
     print(f"net {args.net} ({meta['arch']}, width {meta['width']}, crop {meta['crop']}, trained at "
           f"S = {meta['config']['net']['scale']}); top-1 error %, first {args.limit} validation images")
     print(f"{'Q':>4} {'dense ceil':>11} {'dense floor':>12} {'centre crop':>12} {'images':>7} {'s':>6}")
     for q in args.q:
         wrong = dict.fromkeys(("ceil", "floor", "centre"), 0)
         n, t0 = 0, time.perf_counter()
-        loader = build_eval_loader(outs["shard"].join("val"), spec, q, args.batch_size, mode="dense")
+        loader = build_eval_loader(Shards(outs["shard"]).split("val"), spec, q, args.batch_size, mode="dense")
         with torch.inference_mode():
             for images, labels, _ in loader:  # (B, 3, H, W), one size per batch
                 for rounding in ("ceil", "floor"):

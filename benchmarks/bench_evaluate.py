@@ -3,7 +3,7 @@
 The paper's argument for dense evaluation: the fully-convolutional net runs
 once per image (and its flip) at each scale Q, while multi-crop runs the net
 on g*g*2 crops per scale, recomputing overlapping windows. Same net, same Q
-set, same decoded images (stages.evaluate.evaluate_share with one method at a
+set, same decoded images (vgg.evaluation.shares.evaluate_share with one method at a
 time, in this process on the CPU, or the GPU with --gpu).
 
     python benchmarks/bench_evaluate.py                 # net D, width 0.25, crop 64, 64 images
@@ -12,7 +12,7 @@ time, in this process on the CPU, or the GPU with --gpu).
 On the 2-core shared dev machine (1 torch thread): dense ~10 images/s, multi-crop
 ~1.3 images/s, dense ~8x faster per image (forward passes; ~7.7x wall clock).
 
-Images are generated (stages.demo_data) with sides in [--min-side, --max-side]
+Images are generated (vgg.data.demo) with sides in [--min-side, --max-side]
 and written to one Parquet shard; the jittered training scale --scale gives
 Q = {Smin, (Smin+Smax)/2, Smax} (default {64, 96, 128}).
 """
@@ -35,10 +35,10 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.config import EvaluateConfig  # noqa: E402
-from stages.augment import AugmentSpec  # noqa: E402
-from stages.demo_data import MAX_CLASSES, make_image  # noqa: E402
-from stages.evaluate import ShareJob, evaluate_share, q_sets  # noqa: E402
-from stages.vgg import build_vgg  # noqa: E402
+from vgg.data.augmentation import AugmentSpec  # noqa: E402
+from vgg.data.demo import MAX_CLASSES, make_image  # noqa: E402
+from vgg.evaluation.shares import ShareJob, evaluate_share, q_sets  # noqa: E402
+from vgg.models import build_vgg  # noqa: E402
 
 SCHEMA = pa.schema([("key", pa.string()), ("label", pa.int32()), ("class_name", pa.string()),
                     ("image", pa.binary()), ("height", pa.int32()), ("width", pa.int32())])

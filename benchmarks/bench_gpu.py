@@ -1,8 +1,8 @@
 """GPU throughput of the train and evaluate stages' computations, and the model-FLOPs
 utilisation (MFU). Two modes:
 
---synthetic: PyTorch and the project's model and step code only (stages.vgg,
-stages.steps: no DALI, Ray, MLflow or pyarrow import), random data, so it runs on a
+--synthetic: PyTorch and the project's model and step code only (vgg.models,
+vgg.training.steps, vgg.evaluation.scoring: no DALI, Ray, MLflow or pyarrow import), random data, so it runs on a
 bare GPU box. Per net (A, B, C, D, E at 224 by default): the training step's images/s
 and MFU, eager and under torch.compile; dense and 150-crop multi-crop evaluation
 images/s over Q = {256, 384, 512}, in bf16 and in fp32; peak GPU memory.
@@ -20,15 +20,15 @@ Three figures, one GPU, one process (the stage's own code, without Ray Train aro
 `bench_train.py` measures what Ray Train adds):
   decode  the DALI training loader alone: JPEG bytes from Parquet shards, mixed decoding,
           isotropic rescale to S ~ U[Smin, Smax], random crop, flip, PCA colour shift;
-  step    the stage's SGD step (`stages.train._sgd_step`: forward, loss, backward, SGD with
+  step    the stage's SGD step (`vgg.training.worker._sgd_step`: forward, loss, backward, SGD with
           momentum and weight decay) on batches already in GPU memory;
-  train   the stage's epoch loop (`stages.train.train_one_epoch`) fed by the loader.
+  train   the stage's epoch loop (`vgg.training.worker.train_one_epoch`) fed by the loader.
 MFU = images/s x training FLOPs per image / the GPU's dense bf16 peak. The training FLOPs
 are 3 x 2 x the forward MACs, counted on the model (VGG-D at 224: 15.5 GMACs, so about
 93 GFLOPs per image).
 
 Data: --data <image folder> (train/<class>/*.jpg), or by default a generated folder of
-JPEGs with sides in [256, 512] (stages.demo_data), sharded by the shard stage (Ray Data).
+JPEGs with sides in [256, 512] (vgg.data.demo), sharded by the shard stage (Ray Data).
 
     python benchmarks/bench_gpu.py                      # VGG-D, width 1, crop 224, batch 128
     python benchmarks/bench_gpu.py --no-bf16 --no-channels-last
@@ -49,8 +49,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from stages.steps import Precision, Scorer, sgd_step  # noqa: E402
-from stages.vgg import build_vgg, forward_macs  # noqa: E402
+from vgg.evaluation.scoring import Scorer  # noqa: E402
+from vgg.training.steps import Precision, sgd_step  # noqa: E402
+from vgg.models import build_vgg, forward_macs  # noqa: E402
 
 #: Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, from the vendors' data sheets.
 PEAK_BF16_TFLOPS = {"H100 80GB HBM3": 989.4, "H100 SXM": 989.4, "H100 PCIe": 756.0,
@@ -70,8 +71,8 @@ def make_data(args, work: Path) -> tuple[str, dict]:
     from pipeline.config import DemoDataConfig, ShardConfig
     from pipeline.runner import start_local_ray
     from pipeline.storage import Store, write_json
-    from stages import demo_data
-    from stages.shard import shard
+    from vgg.data import demo as demo_data
+    from vgg.data.sharding import shard
 
     root = args.data
     if root is None:
@@ -203,8 +204,10 @@ def main(argv=None) -> None:
 def dali_main(args, device, sync, name: str, cuda: bool) -> None:
     """The default mode: the DALI loader, the stage's step and its epoch loop."""
     from pipeline.config import NetPlan, TrainConfig
-    from stages import train as T
-    from stages.augment import AugmentSpec, build_train_loader
+    from pipeline.dag import TrainSection
+    from vgg.training import worker as T
+    from vgg.data.augmentation import AugmentSpec
+    from vgg.data.loaders import build_train_loader
 
     with tempfile.TemporaryDirectory(prefix="bench_gpu_") as tmp:
         shards, stats = make_data(args, Path(tmp))
@@ -234,8 +237,7 @@ def dali_main(args, device, sync, name: str, cuda: bool) -> None:
         # step: the stage's SGD step on one batch resident on the device
         t = TrainConfig(batch_size=args.batch, width=args.width, num_workers=1, bf16=args.bf16,
                         channels_last=args.channels_last, log_every=0)
-        plan = T.WorkerPlan("bench", {"train": t, "net": NetPlan(arch=args.arch, scale=args.scale),
-                                      "name": "bench"}, shards, spec.to_dict(), args.classes, "", 1, "", "")
+        plan = T.WorkerPlan("bench", TrainSection(t, NetPlan(arch=args.arch, scale=args.scale), "bench"), shards, spec.to_dict(), args.classes, "", 1, "", "")
         torch.manual_seed(0)
         net = build_vgg(args.arch, num_classes=args.classes, width=args.width, crop=args.crop).to(device)
         macs = forward_macs(net)

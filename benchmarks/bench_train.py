@@ -2,7 +2,7 @@
 (DDP) workers vs a plain single-process PyTorch loop, on the same model, global batch
 and in-memory random data (no data loading, so only the machinery differs).
 
-All three run `stages.train.train_one_epoch` (the stage's own step: forward, loss / per-
+All three run `vgg.training.worker.train_one_epoch` (the stage's own step: forward, loss / per-
 worker batch, backward, SGD with momentum and weight decay, top-k accounting). The plain
 loop uses every CPU as torch threads; each Ray worker gets `--cpus / workers` CPUs and as
 many torch threads. Throughput is timed inside the workers between barriers, after a
@@ -27,8 +27,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.config import NetPlan, TrainConfig  # noqa: E402
-from stages import train as T  # noqa: E402
-from stages.vgg import build_vgg  # noqa: E402
+from pipeline.dag import TrainSection  # noqa: E402
+from vgg.training import worker as T  # noqa: E402
+from vgg.models import build_vgg  # noqa: E402
 
 
 class MemoryLoader:
@@ -51,7 +52,7 @@ class MemoryLoader:
 def make_plan(args, workers: int, cpus: float) -> T.WorkerPlan:
     t = TrainConfig(batch_size=args.batch, width=args.width, num_workers=workers,
                     cpus_per_worker=cpus, log_every=0)
-    section = {"train": t, "net": NetPlan(arch=args.arch, scale=args.crop), "name": "bench"}
+    section = TrainSection(t, NetPlan(arch=args.arch, scale=args.crop), "bench")
     return T.WorkerPlan("bench", section, "", {"crop": args.crop}, args.classes, "", 1, "", "")
 
 
@@ -62,7 +63,7 @@ def timed_epochs(net, plan, rank: int, device, args, barrier=lambda: None) -> fl
 
     import torch
 
-    from stages import train as T
+    from vgg.training import worker as T
 
     t = plan.train
     optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=t.momentum, weight_decay=t.weight_decay)
@@ -99,7 +100,7 @@ def ray_worker(config: dict) -> float:
 
     import torch
 
-    from stages.vgg import build_vgg
+    from vgg.models import build_vgg
 
     args, plan = config["args"], config["plan"]
     torch.set_num_threads(max(1, int(plan.train.cpus_per_worker)))

@@ -424,9 +424,9 @@ def _validate_evaluate(cfg: PipelineConfig) -> None:
 def _check_scale(scale: int | list[int], crop: int, key: str) -> tuple[int, int]:
     """A training scale S or [Smin, Smax] (vgg.paper.parse_scale)."""
     try:
-        return parse_scale(scale, crop)
+        return parse_scale(scale, crop, "augment.crop")
     except ValueError as e:
-        raise ConfigError(f"{key}: {e} (augment.crop = {crop})") from None
+        raise ConfigError(f"{key}: {e}") from None
 
 
 def check_scale_of(a: AugmentConfig) -> tuple[int, int]:

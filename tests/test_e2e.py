@@ -129,7 +129,7 @@ def test_bad_files_are_counted_and_training_runs(ray_session, tmp_path):
     import pyarrow.fs as pafs
 
     from pipeline.config import DemoDataConfig
-    from stages import demo_data
+    from vgg.data import demo as demo_data
     from tests.test_shard import bad_files
 
     root = tmp_path / "data"

@@ -13,14 +13,19 @@ from PIL import Image
 
 from pipeline.config import EvaluateConfig, NetPlan, ShardConfig
 from pipeline.stage import StageContext, TrackingInfo
-from pipeline.storage import StageOutput, write_json
-from stages import evaluate as E
-from stages.augment import AugmentSpec, build_center_loader
-from stages.demo_data import make_image
-from stages.metrics import Posteriors, errors, read_posteriors
-from stages.report import build_report
-from stages.shard import shard
-from stages.vgg import build_vgg
+from pipeline.storage import StageOutput
+from pipeline.dag import EvaluateInputs, EvaluateSection
+from stages import evaluate as stage
+from vgg import paper
+from vgg.artifacts import Augmentation, Evaluation, Shards, TrainedNet, posteriors_file, write_augmentation
+from vgg.data.augmentation import AugmentSpec
+from vgg.data.demo import make_image
+from vgg.data.loaders import build_center_loader
+from vgg.evaluation import shares as E
+from vgg.results.metrics import Posteriors, errors, read_posteriors
+from vgg.data.sharding import shard
+from vgg.results.report import build_report
+from vgg.models import build_vgg
 from tests.conftest import write_images
 
 CROP, CLASSES = 32, 3
@@ -49,7 +54,7 @@ def data(ray_session, tmp_path_factory):
     shard(str(root), shard_out, ShardConfig(rows_per_shard=7), log=lambda m: None)
     spec = AugmentSpec.from_stats(shard_out.read_json("stats.json"), crop=CROP, device="cpu")
     augment_out = local_output(tmp, "augment")
-    write_json(augment_out.fs, augment_out.join("spec.json"), spec.to_dict())
+    write_augmentation(augment_out, spec)
     train_out = local_output(tmp, "train/a")
     net = tiny_net()
     torch.save({"state_dict": net.state_dict(), "arch": "A", "width": 0.125, "crop": CROP,
@@ -104,10 +109,10 @@ def test_test_scales_follow_the_paper_and_the_config():
 
 
 def test_mode_names():
-    assert E.MODES == ("dense@single", "multi-crop@single", "multi-crop+dense@single",
+    assert paper.MODES == ("dense@single", "multi-crop@single", "multi-crop+dense@single",
                        "dense@multi", "multi-crop@multi", "multi-crop+dense@multi")
-    assert E.metric_name("multi-crop+dense@multi", "top1_err") == "multicrop_dense_multi_top1_err"
-    assert E.posteriors_file("dense@single") == "posteriors/dense@single.parquet"
+    assert paper.metric_name("multi-crop+dense@multi", "top1_err") == "multicrop_dense_multi_top1_err"
+    assert posteriors_file("dense@single") == "posteriors/dense@single.parquet"
 
 
 def test_combine_modes_averages_over_q_then_methods():
@@ -118,9 +123,9 @@ def test_combine_modes_averages_over_q_then_methods():
         p = rng.random((2, 3)) + 0.1
         return Posteriors(keys, labels, p / p.sum(1, keepdims=True), classes)
 
-    per_q = {(m, q): post() for m in E.BASE_METHODS for q in (32, 40, 48)}
+    per_q = {(m, q): post() for m in paper.BASE_METHODS for q in (32, 40, 48)}
     modes = E.combine_modes(per_q, 40, [32, 40, 48])
-    assert tuple(modes) == E.MODES
+    assert tuple(modes) == paper.MODES
     np.testing.assert_array_equal(modes["dense@single"].probs, per_q[("dense", 40)].probs)
     dense = np.mean([per_q[("dense", q)].probs for q in (32, 40, 48)], axis=0)
     crops = np.mean([per_q[("multi-crop", q)].probs for q in (32, 40, 48)], axis=0)
@@ -154,42 +159,44 @@ def test_multicrop_one_crop_without_flip_equals_the_centre_crop(data):
 def test_flips_average_the_image_and_its_mirror(data):
     res = E.evaluate_share(job(data, qs=(40,), grid=2, flips=True))
     plain = E.evaluate_share(job(data, qs=(40,), grid=2, flips=False))
-    for method in E.BASE_METHODS:
+    for method in paper.BASE_METHODS:
         a, b = share_posteriors(res, method, 40), share_posteriors(plain, method, 40)
         assert not np.allclose(np.stack(list(a.values())), np.stack([b[k] for k in a]), atol=1e-4)
     assert res.images == 18 and set(res.seconds) >= {"decode", "dense", "multi-crop", "total"}
 
 
 # ---------------------------------------------------------------- the stage
-def context(data, out_name: str, **cfg) -> StageContext:
-    section = {"evaluate": EvaluateConfig(grid=2, batch_size=8, **cfg), "net": NetPlan(arch="A", scale=SCALE),
-               "name": "a"}
-    inputs = {"shard": data["shard"], "augment": data["augment"], "train/a": data["train"]}
-    return StageContext("evaluate/a", "evaluate", section, inputs, local_output(data["tmp"], out_name),
-                        TrackingInfo("", "", ""), "test")
+def context(data, out_name: str) -> StageContext:
+    return StageContext("evaluate/a", local_output(data["tmp"], out_name), TrackingInfo("", "", ""), "test")
+
+
+def run_stage(data, ctx: StageContext, **cfg):
+    config = EvaluateSection(EvaluateConfig(grid=2, batch_size=8, **cfg), NetPlan(arch="A", scale=SCALE), "a")
+    inputs = EvaluateInputs(Shards(data["shard"]), Augmentation(data["augment"]), TrainedNet(data["train"]))
+    return stage.run(config, inputs, ctx)
 
 
 @pytest.fixture(scope="module")
 def one_worker(data):
     ctx = context(data, "eval1")
-    return ctx, E.run(ctx)
+    return ctx, run_stage(data, ctx)
 
 
 def test_run_writes_every_mode_and_its_errors(one_worker):
     ctx, result = one_worker
-    rows = E.rows_from_json(ctx.out.read_json("rows.json"))
-    assert [r.mode for r in rows] == list(E.MODES)
+    rows = Evaluation(ctx.out).rows()
+    assert [r.mode for r in rows] == list(paper.MODES)
     assert result.params["q_single"] == 40 and result.params["q_multi"] == [32, 40, 48]
     table = result.tables["errors.json"]
-    assert table["mode"] == list(E.MODES) and table["Q"][0] == "40" and table["Q"][3] == "32,40,48"
-    for mode, row in zip(E.MODES, rows):
-        post = read_posteriors(ctx.out.fs, ctx.out.join(E.posteriors_file(mode)))
+    assert table["mode"] == list(paper.MODES) and table["Q"][0] == "40" and table["Q"][3] == "32,40,48"
+    for mode, row in zip(paper.MODES, rows):
+        post = read_posteriors(ctx.out.fs, ctx.out.join(posteriors_file(mode)))
         assert len(post) == 18 and post.keys == sorted(post.keys)
         errs = errors(post, (1, 3))
-        assert result.metrics[E.metric_name(mode, "top1_err")] == pytest.approx(100 * errs["top1"])
+        assert result.metrics[paper.metric_name(mode, "top1_err")] == pytest.approx(100 * errs["top1"])
         assert row.top1 == pytest.approx(100 * errs["top1"]) and row.top5 is None  # K = 3 < 5
-        assert E.metric_name(mode, "top5_err") not in result.metrics
-        assert table["top-1 %"][E.MODES.index(mode)] == pytest.approx(row.top1)
+        assert paper.metric_name(mode, "top5_err") not in result.metrics
+        assert table["top-1 %"][paper.MODES.index(mode)] == pytest.approx(row.top1)
     for name in ("dense_images_per_s", "multicrop_images_per_s", "images_per_s"):
         assert result.metrics[name] > 0
     assert result.metrics["dense_q48_top1_err"] >= 0 and "rows.json" in result.artifacts
@@ -198,12 +205,12 @@ def test_run_writes_every_mode_and_its_errors(one_worker):
 
 def test_two_ray_workers_give_the_same_posteriors(data, one_worker):
     ctx1, _ = one_worker
-    ctx2 = context(data, "eval2", num_workers=2)
-    result = E.run(ctx2)
+    ctx2 = context(data, "eval2")
+    result = run_stage(data, ctx2, num_workers=2)
     assert result.params["workers"] == 2
-    for mode in E.MODES:
-        a = read_posteriors(ctx1.out.fs, ctx1.out.join(E.posteriors_file(mode)))
-        b = read_posteriors(ctx2.out.fs, ctx2.out.join(E.posteriors_file(mode)))
+    for mode in paper.MODES:
+        a = read_posteriors(ctx1.out.fs, ctx1.out.join(posteriors_file(mode)))
+        b = read_posteriors(ctx2.out.fs, ctx2.out.join(posteriors_file(mode)))
         assert a.keys == b.keys and np.array_equal(a.labels, b.labels)
         np.testing.assert_allclose(a.probs, b.probs, atol=1e-5)
 
@@ -211,7 +218,7 @@ def test_two_ray_workers_give_the_same_posteriors(data, one_worker):
 def test_report_from_evaluate_output(one_worker, tmp_path):
     ctx, _ = one_worker
     out = StageOutput("evaluate/a", "test", ctx.out.fs, ctx.out.path, ctx.out.uri)
-    report = build_report({"evaluate/a": out}, tmp_path / "depth.png")
+    report = build_report({"a": Evaluation(out)}, None, tmp_path / "depth.png")
     assert set(report.tables) == {"table3.json", "table4.json", "table5.json", "claims.json"}
     assert report.tables["table3.json"]["method"] == ["dense", "multi-crop", "multi-crop+dense"]
     assert "Table 5" in report.markdown

@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow.fs as pafs
 import pytest
 
-from pipeline.config import EvaluateConfig, FuseConfig, NetPlan
+from pipeline.config import ConfigError, EvaluateConfig, FuseConfig, NetPlan, load_config
+from pipeline.dag import FuseInputs, FuseSection
 from pipeline.stage import StageContext, TrackingInfo
-from pipeline.storage import StageOutput, write_json
-from stages import evaluate as E
+from pipeline.storage import StageOutput
 from stages import fuse as F
-from stages.metrics import FusionError, Posteriors, errors, read_posteriors, write_posteriors
-from stages.report import build_report
+from vgg.artifacts import FUSED_FILE, Evaluation, Fusion, posteriors_file, write_evaluation
+from vgg.evaluation.shares import combine_modes, eval_rows, q_sets
+from vgg.paper import BASE_METHODS
+from vgg.results.metrics import FusionError, Posteriors, errors, health, read_posteriors
+from vgg.results.report import build_report
 
 CLASSES = [f"k{i}" for i in range(6)]
 KEYS = [f"val/{c}/{i:03d}.jpg" for c in CLASSES for i in range(4)]
@@ -35,43 +39,50 @@ def random_posteriors(rng, keys=KEYS, labels=LABELS, classes=CLASSES) -> Posteri
     return Posteriors(keys, labels, p / p.sum(1, keepdims=True), classes)
 
 
-def fake_evaluate(tmp_path, net: str, arch: str, scale, seed: int, cfg=EvaluateConfig(), **kw) -> StageOutput:
+def fake_evaluate(tmp_path, net: str, arch: str, scale, seed: int, cfg=EvaluateConfig(), **kw) -> Evaluation:
     """An evaluate/<net> output as the stage writes it, from random per-(method, Q) posteriors."""
     rng = np.random.default_rng(seed)
     plan = NetPlan(arch=arch, scale=scale)
-    q_single, q_multi = E.q_sets(scale, 224, cfg)
-    per_q = {(m, q): random_posteriors(rng, **kw) for m in E.BASE_METHODS for q in {q_single, *q_multi}}
-    modes = E.combine_modes(per_q, q_single, q_multi)
+    q_single, q_multi = q_sets(scale, 224, cfg)
+    per_q = {(m, q): random_posteriors(rng, **kw) for m in BASE_METHODS for q in {q_single, *q_multi}}
+    modes = combine_modes(per_q, q_single, q_multi)
     out = output(tmp_path, f"evaluate/{net}")
-    for mode, post in modes.items():
-        write_posteriors(post, out.fs, out.join(E.posteriors_file(mode)))
-    rows = E.eval_rows(modes, net, plan, {"single": [q_single], "multi": q_multi})
-    write_json(out.fs, out.join("rows.json"), E.rows_to_json(rows))
-    return out
+    rows = eval_rows(modes, net, plan, {"single": [q_single], "multi": q_multi})
+    write_evaluation(out, modes, rows, health(modes["dense@single"]))
+    return Evaluation(out)
 
 
-def fuse_ctx(tmp_path, members, inputs) -> StageContext:
-    return StageContext("fuse", "fuse", {"fuse": FuseConfig(members=list(members))}, inputs,
-                        output(tmp_path, "fuse"), TrackingInfo("", "", ""), "test")
+class Fused:
+    """A run of the fuse stage: its result and its output."""
+
+    def __init__(self, tmp_path, members, evaluations: dict[str, Evaluation]):
+        self.out = output(tmp_path, "fuse")
+        ctx = StageContext("fuse", self.out, TrackingInfo("", "", ""), "test")
+        self.result = F.run(FuseSection(FuseConfig(members=list(members))), FuseInputs(evaluations), ctx)
 
 
-def read(out: StageOutput, name: str) -> Posteriors:
+def fuse(tmp_path, members, evaluations) -> Fused:
+    return Fused(tmp_path, members, evaluations)
+
+
+def read(out: StageOutput | Evaluation, name: str) -> Posteriors:
+    out = out.out if isinstance(out, Evaluation) else out
     return read_posteriors(out.fs, out.join(name))
 
 
 @pytest.fixture
 def nets(tmp_path):
     return {
-        "evaluate/D-jit": fake_evaluate(tmp_path, "D-jit", "D", [256, 512], seed=1),
-        "evaluate/E-jit": fake_evaluate(tmp_path, "E-jit", "E", [256, 512], seed=2),
+        "D-jit": fake_evaluate(tmp_path, "D-jit", "D", [256, 512], seed=1),
+        "E-jit": fake_evaluate(tmp_path, "E-jit", "E", [256, 512], seed=2),
     }
 
 
 def test_fusing_one_member_reproduces_it(tmp_path, nets):
-    ctx = fuse_ctx(tmp_path, ["D-jit:dense@multi"], nets)
-    result = F.run(ctx)
-    member = read(nets["evaluate/D-jit"], E.posteriors_file("dense@multi"))
-    fused = read(ctx.out, F.FUSED_FILE)
+    ctx = fuse(tmp_path, ["D-jit:dense@multi"], nets)
+    result = ctx.result
+    member = read(nets["D-jit"], posteriors_file("dense@multi"))
+    fused = read(ctx.out, FUSED_FILE)
     assert fused.keys == member.keys and np.array_equal(fused.probs, member.probs)
     errs = errors(member)
     assert result.metrics["fusion_top1_err"] == pytest.approx(100 * errs["top1"])
@@ -81,19 +92,18 @@ def test_fusing_one_member_reproduces_it(tmp_path, nets):
 def test_fusing_identical_members_leaves_it_unchanged(tmp_path):
     a = fake_evaluate(tmp_path / "a", "a", "D", 256, seed=3)
     b = fake_evaluate(tmp_path / "b", "b", "D", 256, seed=3)  # the same posteriors
-    ctx = fuse_ctx(tmp_path, ["a:multi-crop@single", "b:multi-crop@single"], {"evaluate/a": a, "evaluate/b": b})
-    F.run(ctx)
-    member = read(a, E.posteriors_file("multi-crop@single"))
-    assert np.array_equal(read(ctx.out, F.FUSED_FILE).probs, member.probs)
+    ctx = fuse(tmp_path, ["a:multi-crop@single", "b:multi-crop@single"], {"a": a, "b": b})
+    member = read(a, posteriors_file("multi-crop@single"))
+    assert np.array_equal(read(ctx.out, FUSED_FILE).probs, member.probs)
 
 
 def test_fusion_averages_and_reports_every_member(tmp_path, nets):
     members = ["D-jit:multi-crop+dense@multi", "E-jit:dense@single"]
-    ctx = fuse_ctx(tmp_path, members, nets)
-    result = F.run(ctx)
-    d = read(nets["evaluate/D-jit"], E.posteriors_file("multi-crop+dense@multi"))
-    e = read(nets["evaluate/E-jit"], E.posteriors_file("dense@single"))
-    fused = read(ctx.out, F.FUSED_FILE)
+    ctx = fuse(tmp_path, members, nets)
+    result = ctx.result
+    d = read(nets["D-jit"], posteriors_file("multi-crop+dense@multi"))
+    e = read(nets["E-jit"], posteriors_file("dense@single"))
+    fused = read(ctx.out, FUSED_FILE)
     np.testing.assert_allclose(fused.probs, (d.probs + e.probs) / 2, atol=1e-6)
     table = result.tables["fusion_errors.json"]
     assert table["member"] == ["fusion", *members]
@@ -105,32 +115,41 @@ def test_fusion_averages_and_reports_every_member(tmp_path, nets):
 
 def test_mismatched_member_names_the_member(tmp_path, nets):
     other = fake_evaluate(tmp_path / "x", "X", "A", 256, seed=5, keys=[k.replace("val/", "other/") for k in KEYS])
-    inputs = {**nets, "evaluate/X": other}
+    inputs = {**nets, "X": other}
     with pytest.raises(FusionError, match=r"member 'X:dense@single': 24 keys not in 'D-jit:dense@multi'"):
-        F.run(fuse_ctx(tmp_path, ["D-jit:dense@multi", "X:dense@single"], inputs))
+        fuse(tmp_path, ["D-jit:dense@multi", "X:dense@single"], inputs)
     relabelled = fake_evaluate(tmp_path / "y", "Y", "A", 256, seed=6, labels=[(x + 1) % 6 for x in LABELS])
     with pytest.raises(FusionError, match=r"member 'Y:dense@multi': labels differ"):
-        F.run(fuse_ctx(tmp_path, ["E-jit:dense@multi", "Y:dense@multi"], {**nets, "evaluate/Y": relabelled}))
+        fuse(tmp_path, ["E-jit:dense@multi", "Y:dense@multi"], {**nets, "Y": relabelled})
 
 
 def test_missing_mode_lists_the_available_ones(tmp_path, nets):
-    with pytest.raises(ValueError, match=r"'D-jit:dense@triple'.*available modes: dense@multi, dense@single, "
+    (Path(nets["D-jit"].out.join(posteriors_file("dense@single")))).unlink()
+    with pytest.raises(ValueError, match=r"'D-jit:dense@single'.*available modes: dense@multi, "
                                          r"multi-crop\+dense@multi"):
-        F.run(fuse_ctx(tmp_path, ["D-jit:dense@triple"], nets))
-    with pytest.raises(ValueError, match="repeated: D-jit:dense@multi"):
-        F.run(fuse_ctx(tmp_path, ["D-jit:dense@multi", "D-jit:dense@multi"], nets))
+        fuse(tmp_path, ["D-jit:dense@single"], nets)
+    with pytest.raises(ValueError, match=r"'D-jit:dense@triple'.* is not method@scales"):
+        fuse(tmp_path, ["D-jit:dense@triple"], nets)
     with pytest.raises(ValueError, match="no evaluate/Z output"):
-        F.run(fuse_ctx(tmp_path, ["Z:dense@multi"], nets))
+        fuse(tmp_path, ["Z:dense@multi"], nets)
+
+
+def test_repeated_and_malformed_members_fail_at_config_load(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train:\n  nets:\n    A: {arch: A, scale: 256}\n")
+    with pytest.raises(ConfigError, match="repeated members"):
+        load_config(cfg, ["fuse.members=[A:dense@multi, A:dense@multi]"])
+    with pytest.raises(ConfigError, match="fuse.members: 'A:dense@triple': 'dense@triple' is not method@scales"):
+        load_config(cfg, ["fuse.members=[A:dense@triple]"])
 
 
 def test_report_tables_markdown_and_plot(tmp_path, nets):
     a = fake_evaluate(tmp_path, "A-256", "A", 256, seed=7)
-    fuse_out = fuse_ctx(tmp_path, ["D-jit:multi-crop+dense@multi", "E-jit:multi-crop+dense@multi"], nets)
-    F.run(fuse_out)
-    outputs = {**nets, "evaluate/A-256": a, "fuse": fuse_out.out}
+    fuse_out = fuse(tmp_path, ["D-jit:multi-crop+dense@multi", "E-jit:multi-crop+dense@multi"], nets)
+    fusion = Fusion(fuse_out.out)
     png = tmp_path / "report" / "error_vs_depth.png"
     png.parent.mkdir()
-    report = build_report(outputs, png)
+    report = build_report({**nets, "A-256": a}, fusion, png)
     assert set(report.tables) == {"table3.json", "table4.json", "table5.json", "table6.json", "claims.json"}
     t3 = report.tables["table3.json"]
     # Table 3: single scale, every method; the paper's number only for dense at its Q.
@@ -149,7 +168,7 @@ def test_report_tables_markdown_and_plot(tmp_path, nets):
         assert f"### {title}" in report.markdown
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # The fuse output alone resolves its members (member_rows.json) for the Table 6 match.
-    only = build_report({"fuse": fuse_out.out})
+    only = build_report({}, fusion)
     assert only.tables["table6.json"]["paper top-1"] == [23.7]
 
 

@@ -14,9 +14,11 @@ import pytest
 import torch
 
 from pipeline.config import NetPlan, TrainConfig
-from stages import train as T
-from stages.steps import Precision, Scorer
-from stages.vgg import build_vgg
+from pipeline.dag import TrainSection
+from vgg.evaluation.scoring import Scorer
+from vgg.training import worker as T
+from vgg.training.steps import Precision
+from vgg.models import build_vgg
 from tests.conftest import ROOT
 from tests.test_vgg import lively
 
@@ -89,7 +91,7 @@ def test_cuda_smoke_train_epoch_checkpoint_and_scoring():
     try:
         device = torch.device("cuda", 0)
         t = TrainConfig(batch_size=8, width=0.25, num_workers=1, bf16=True, channels_last=True, log_every=0)
-        plan = T.WorkerPlan("train/smoke", {"train": t, "net": NetPlan(arch="A", scale=40), "name": "smoke"},
+        plan = T.WorkerPlan("train/smoke", TrainSection(t, NetPlan(arch="A", scale=40), "smoke"),
                             "", {"crop": 32}, 10, "", 2, "", "")
         g = torch.Generator().manual_seed(0)
         batches = [(torch.randn(8, 3, 32, 32, generator=g).to(device),

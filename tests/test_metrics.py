@@ -1,4 +1,4 @@
-"""Posteriors, top-k error, Parquet I/O and averaging (fusion) in stages.metrics."""
+"""Posteriors, top-k error, Parquet I/O and averaging (fusion) in vgg.results.metrics."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from stages import metrics
-from stages.metrics import (FusionError, Posteriors, average, errors, read_posteriors, softmax,
+from vgg.results import metrics
+from vgg.results.metrics import (FusionError, Posteriors, average, errors, read_posteriors, softmax,
                             topk_error, write_posteriors)
 
 # Hand-made case, K = 6. Rank of the true class (1 = highest) per row: 1, 2, 6, 2.

@@ -1,4 +1,4 @@
-"""The paper's tables as data, our rows next to them, Markdown and the depth plot (stages.paper)."""
+"""The paper's tables as data, our rows next to them, Markdown and the depth plot (vgg.results.tables)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from stages.paper import (PAPER, EvalRow, FusionRow, paper_match, paper_value, plot_error_vs_depth, table3,
+from vgg.results.tables import (PAPER, EvalRow, FusionRow, paper_match, paper_value, plot_error_vs_depth, table3,
                           table4, table5, table6, to_markdown, train_scale_key)
 
 JIT = (256, 512)

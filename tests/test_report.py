@@ -8,14 +8,15 @@ import pyarrow.fs as pafs
 import pytest
 
 from pipeline.config import ReportConfig
-from pipeline.storage import StageOutput, write_json
-from stages import claims
-from stages.augment import center_scale, eval_scales
-from stages.claims import Comparison, judge, verdict
-from stages.metrics import (Posteriors, bootstrap_errors, health, health_of, interval, prediction_stats,
-                            topk_hits, write_posteriors)
-from stages.paper import EvalRow, FusionRow, at_crop, paper_test_q, scales_for_testing
-from stages.report import build_report
+from pipeline.storage import StageOutput
+from vgg.artifacts import Evaluation, write_evaluation
+from vgg.paper import MODES, at_crop, multi_test_scales, scales_for_testing, single_test_scale
+from vgg.results import claims
+from vgg.results.claims import Comparison, judge, verdict
+from vgg.results.metrics import (Posteriors, bootstrap_errors, health, health_of, interval, prediction_stats,
+                                 topk_hits)
+from vgg.results.report import build_report
+from vgg.results.tables import EvalRow, FusionRow, paper_test_q
 
 N = 2000
 
@@ -157,9 +158,9 @@ def test_q_sets_at_crop_224_are_the_papers():
 def test_q_sets_scale_with_the_crop():
     assert at_crop(32, 224) == 32 and at_crop(32, 32) == 5 and at_crop(32, 64) == 9
     # S = 40 at crop 32: the literal +-32 gave {32, 40, 72}; scaled, Q stays near S
-    assert eval_scales(40, 32) == (35, 40, 45) and center_scale(40, 32) == 40
-    assert eval_scales((36, 64), 32) == (36, 50, 64)
-    assert eval_scales(33, 32) == (32, 33, 38)  # a Q below the crop is raised to it
+    assert multi_test_scales(40, 32) == [35, 40, 45] and single_test_scale(40, 32) == 40
+    assert multi_test_scales((36, 64), 32) == [36, 50, 64]
+    assert multi_test_scales(33, 32) == [32, 33, 38]  # a Q below the crop is raised to it
 
 
 # ---------------------------------------------------------------- collapse
@@ -199,46 +200,40 @@ def _output(root, sid: str) -> StageOutput:
     return StageOutput(sid, "k", pafs.LocalFileSystem(), path, path)
 
 
-def fake_evaluation(root, net: str, arch: str, scale, accuracy: float, classes: int = 10, n: int = 400):
-    """An evaluate output with rows.json, health.json and posteriors of every mode."""
-    from dataclasses import asdict
-
-    from stages.evaluate import MODES, posteriors_file
-
+def fake_evaluation(root, net: str, arch: str, scale, accuracy: float, classes: int = 10,
+                    n: int = 400) -> Evaluation:
+    """An evaluation (written as the evaluate stage writes it) with posteriors of every mode."""
     out = _output(root, f"evaluate/{net}")
     rng = np.random.default_rng([ord(c) for c in net])
     labels = np.arange(n) % classes
-    rows = []
+    rows, modes = [], {}
     for mode in MODES:
         pred = np.where(rng.random(n) < accuracy, labels, (labels + 1) % classes)
         probs = np.full((n, classes), 0.2 / (classes - 1), np.float32)
         probs[np.arange(n), pred] = 0.8
-        post = Posteriors([f"k{i:04d}" for i in range(n)], labels, probs, [f"c{i}" for i in range(classes)])
-        write_posteriors(post, out.fs, out.join(posteriors_file(mode)))
+        modes[mode] = Posteriors([f"k{i:04d}" for i in range(n)], labels, probs, [f"c{i}" for i in range(classes)])
         method, scales = mode.split("@")
         err = 100.0 * (1 - (pred == labels).mean())
-        rows.append(asdict(row(net, arch, scale, method, scales, err)))
-        if mode == "dense@single":
-            write_json(out.fs, out.join("health.json"), asdict(health(post)))
-    write_json(out.fs, out.join("rows.json"), rows)
-    return out
+        rows.append(row(net, arch, scale, method, scales, err))
+    write_evaluation(out, modes, rows, health(modes["dense@single"]))
+    return Evaluation(out)
 
 
 def test_report_judges_claims_from_saved_posteriors(tmp_path):
-    outputs = {"evaluate/A": fake_evaluation(tmp_path, "A", "A", 40, 0.6),
-               "evaluate/B": fake_evaluation(tmp_path, "B", "B", 40, 0.9)}
-    report = build_report(outputs, tmp_path / "p.png", ReportConfig(bootstrap_samples=200))
+    outputs = {"A": fake_evaluation(tmp_path, "A", "A", 40, 0.6),
+               "B": fake_evaluation(tmp_path, "B", "B", 40, 0.9)}
+    report = build_report(outputs, None, tmp_path / "p.png", ReportConfig(bootstrap_samples=200))
     t3 = report.tables["table3.json"]
     assert all(ci.startswith("[") for ci in t3["top-1 95% CI"])
     b_vs_a = next(r for r in report.claims if r.claim == 2)
     assert b_vs_a.verdict == "held" and b_vs_a.hi < 0
     assert "The paper's claims" in report.markdown and "| 2 |" in report.markdown
-    again = build_report(outputs, None, ReportConfig(bootstrap_samples=200))
+    again = build_report(outputs, None, None, ReportConfig(bootstrap_samples=200))
     assert again.claims == report.claims  # seeded: the same intervals every time
 
 
 def test_top5_with_five_classes_is_not_applicable(tmp_path):
-    outputs = {"evaluate/A": fake_evaluation(tmp_path, "A", "A", 40, 0.6, classes=5)}
+    outputs = {"A": fake_evaluation(tmp_path, "A", "A", 40, 0.6, classes=5)}
     for r in build_report(outputs).tables["table3.json"]["top-5 95% CI"]:
         assert r is None
     assert "n/a" in build_report(outputs).markdown

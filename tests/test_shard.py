@@ -12,7 +12,8 @@ from PIL import Image
 
 from pipeline.config import ShardConfig
 from pipeline.storage import Store
-from stages.shard import DatasetError, list_image_folder, normalise_image, shard
+from vgg.data.folders import DatasetError, list_image_folder
+from vgg.data.sharding import normalise_image, shard
 from tests.conftest import write_images
 
 
@@ -122,7 +123,7 @@ def dali_decode_all(blobs):
 def test_bad_inputs_are_skipped_or_converted(ray_session, folder, work_dir):
     bad_files(folder, np.random.default_rng(1))
     out, m = run_shard(folder, work_dir)
-    with open(out.local("skipped.csv")) as f:
+    with open(out.join("skipped.csv")) as f:
         skipped = {r["key"]: r["reason"] for r in csv.DictReader(f)}
     assert set(skipped) == {
         "train/cat/truncated.jpg",
@@ -133,7 +134,7 @@ def test_bad_inputs_are_skipped_or_converted(ray_session, folder, work_dir):
     assert skipped["train/cat/empty.jpg"] == "empty file"
     assert "not a decodable image" in skipped["train/cat/notes.jpg"]
     assert m["skipped"] == 4
-    with open(out.local("converted.csv")) as f:
+    with open(out.join("converted.csv")) as f:
         converted = {r["key"] for r in csv.DictReader(f)}
     assert converted == {"train/cat/png_named.jpg", "train/cat/cmyk.jpg", "train/cat/gray.jpg", "train/cat/deep16.png"}
     rows = [r for t in read_split(out, "train") for r in t.to_pylist()]
@@ -198,7 +199,7 @@ def test_odd_names_and_links_are_listed_as_skipped_never_dropped(tmp_path, folde
 
 
 def test_subsample_takes_a_seeded_subset_per_class(folder):
-    from stages.shard import subsample
+    from vgg.data.sharding import subsample
 
     listing = list_image_folder(str(folder))
     small = subsample(listing, {"train": 2, "val": None}, seed=0)

@@ -20,14 +20,21 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import DemoDataConfig, NetPlan, ShardConfig, TrainConfig
+from pipeline.dag import TrainInputs, TrainSection
 from pipeline.stage import StageContext, TrackingInfo
-from pipeline.storage import Store, write_json
-from stages import demo_data
+from pipeline.storage import StageOutput, Store, write_json
 from stages import train as T
-from stages.augment import AugmentSpec
-from stages.shard import shard
-from stages.steps import topk_hits
 from tests.conftest import ROOT
+from tests.faults import HangAfterEpoch, KillAt, RecordRows
+from vgg.artifacts import Augmentation, Shards, TrainedNet, write_augmentation
+from vgg.data import demo as demo_data
+from vgg.data.augmentation import AugmentSpec
+from vgg.data.sharding import shard
+from vgg.models import build_vgg
+from vgg.training import worker
+from vgg.training.checkpoints import initial_model, save_model
+from vgg.training.schedule import PlateauSchedule, schedule_of
+from vgg.training.steps import topk_hits
 
 # 51 training images: shares of 25 and 26 at 5 images per worker -> 5 and 6 batches,
 # so rank 0 pads its epoch with one empty step; 15 validation images -> 7 and 8.
@@ -67,33 +74,56 @@ def augment_output(tmp: Path, stats: dict, crop: int):
     """An augment stage output: spec.json (what the augment stage will write)."""
     out = Store(str(tmp / "work")).begin("augment", f"crop{crop}")
     spec = AugmentSpec.from_stats(stats, crop=crop, device="cpu", num_threads=1)
-    write_json(out.fs, out.join("spec.json"), spec.to_dict())
+    write_augmentation(out, spec)
     return out
 
 
-def section(name: str = "A", arch: str = "A", epochs: int = 2, init="glorot", **net) -> dict:
+def section(name: str = "A", arch: str = "A", epochs: int = 2, init="glorot", **net) -> TrainSection:
     """A tiny recipe: width 1/8, global batch 10 on 2 workers x 1 CPU, keep 1 (+ the latest)."""
     t = TrainConfig(batch_size=10, width=0.125, num_workers=2, cpus_per_worker=1.0,
                     max_epochs=epochs, keep_checkpoints=1, max_failures=2, log_every=0, seed=0)
-    return {"train": t, "net": NetPlan(arch=arch, scale=SCALE, lr=0.01, init=init, epochs=epochs, **net),
-            "name": name}
+    return TrainSection(t, NetPlan(arch=arch, scale=SCALE, lr=0.01, init=init, epochs=epochs, **net), name)
 
 
-def make_ctx(data, work: Path, sec: dict, extra_inputs: dict | None = None, augment=None) -> StageContext:
-    """A StageContext as the runner builds it (fresh output dir, scratch per key, an MLflow run)."""
-    store, sid, key = Store(str(work)), f"train/{sec['name']}", "key0"
+class Job:
+    """One train stage run as the runner sets it up: config, typed inputs, and a context
+    (fresh output dir, scratch per key, an MLflow run)."""
+
+    def __init__(self, config: TrainSection, inputs: TrainInputs, ctx: StageContext):
+        self.config, self.inputs, self.ctx = config, inputs, ctx
+        self.out, self.scratch, self.tracking = ctx.out, ctx.scratch, ctx.tracking
+
+    def args(self, callbacks=()) -> tuple:
+        return self.config, self.inputs, self.ctx, list(callbacks)
+
+    def run(self, callbacks=()):
+        return T.run(*self.args(callbacks))
+
+
+def make_ctx(data, work: Path, sec: TrainSection, init: StageOutput | None = None, augment=None) -> Job:
+    store, sid, key = Store(str(work)), f"train/{sec.name}", "key0"
     run = MlflowClient(data.uri).create_run(data.exp, run_name=sid)
-    inputs = {"shard": data.shard, "augment": augment or data.augment, **(extra_inputs or {})}
-    return StageContext(sid, "train", sec, inputs, store.begin(sid, key),
-                        TrackingInfo(data.uri, data.exp, run.info.run_id), key, store.scratch(sid, key))
+    inputs = TrainInputs(Shards(data.shard), Augmentation(augment or data.augment),
+                         TrainedNet(init) if init is not None else None)
+    ctx = StageContext(sid, store.begin(sid, key), TrackingInfo(data.uri, data.exp, run.info.run_id), key,
+                       store.scratch(sid, key))
+    return Job(sec, inputs, ctx)
 
 
-def checkpoint_state(ctx: StageContext, epoch: int) -> dict:
-    path = Path(ctx.scratch.path) / T.RUN_NAME / f"epoch_{epoch:04d}" / T.STATE_FILE
+def load_model(out: StageOutput):
+    return TrainedNet(out).load()
+
+
+def optimizer(lr: float) -> torch.optim.Optimizer:
+    return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+
+
+def checkpoint_state(ctx: Job, epoch: int) -> dict:
+    path = Path(ctx.scratch.path) / worker.RUN_NAME / f"epoch_{epoch:04d}" / worker.STATE_FILE
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def history(ctx: StageContext) -> dict:
+def history(ctx: Job) -> dict:
     return json.loads(Path(ctx.out.join("history.json")).read_text())
 
 
@@ -109,7 +139,7 @@ def assert_same_weights(a: dict, b: dict) -> float:
 def trained_a(data, tmp_path_factory):
     """Net A trained for 2 epochs on 2 workers, uninterrupted: the reference run."""
     ctx = make_ctx(data, tmp_path_factory.mktemp("a") / "work", section())
-    return SimpleNamespace(ctx=ctx, result=T.run(ctx))
+    return SimpleNamespace(ctx=ctx, result=ctx.run())
 
 
 # ---------------------------------------------------------------- the schedule
@@ -117,7 +147,7 @@ def test_plateau_schedule_divides_at_the_right_epochs_at_most_three_times():
     accs = [0.10, 0.20, 0.20, 0.2005, 0.30, 0.30, 0.30, 0.30, 0.30, 0.30, 0.30, 0.30]
     # e0, e1 improve; e2, e3 do not (+0.0005 is below the threshold) -> drop after e3;
     # e4 improves; e5, e6 flat -> drop after e6; e7, e8 -> drop after e8; then no more.
-    s = T.PlateauSchedule(0.01, factor=0.1, patience=2, threshold=1e-3, max_drops=3)
+    s = PlateauSchedule(optimizer(0.01), factor=0.1, patience=2, threshold=1e-3, max_drops=3)
     lrs, dropped = [], []
     for epoch, acc in enumerate(accs):
         lrs.append(s.lr)
@@ -126,11 +156,13 @@ def test_plateau_schedule_divides_at_the_right_epochs_at_most_three_times():
     assert dropped == [3, 6, 8] == s.drops
     assert lrs == pytest.approx([1e-2] * 4 + [1e-3] * 3 + [1e-4] * 2 + [1e-5] * 3)
 
-    # state_dict round trip mid-way continues identically (what resuming relies on)
-    a = T.PlateauSchedule(0.01, 0.1, 2, 1e-3, 3)
+    # state_dict round trip mid-way continues identically (what resuming relies on, with the
+    # optimizer's state, which holds the lr)
+    a = PlateauSchedule(optimizer(0.01), 0.1, 2, 1e-3, 3)
     for epoch, acc in enumerate(accs[:5]):
         a.step(acc, epoch)
-    b = T.PlateauSchedule(0.01, 0.1, 2, 1e-3, 3)
+    b = PlateauSchedule(optimizer(0.01), 0.1, 2, 1e-3, 3)
+    b.optimizer.load_state_dict(a.optimizer.state_dict())  # a resume restores both (worker._restore)
     b.load_state_dict(json.loads(json.dumps(a.state_dict())))
     for epoch, acc in enumerate(accs[5:], 5):
         assert a.step(acc, epoch) == b.step(acc, epoch)
@@ -140,8 +172,8 @@ def test_plateau_schedule_divides_at_the_right_epochs_at_most_three_times():
 
 def test_a_net_may_override_the_plateau_patience():
     t = TrainConfig(lr_patience=1, lr_threshold=0.005, lr_factor=0.1, max_lr_drops=3)
-    own = T.schedule_of(t, NetPlan(arch="B", lr=0.02, lr_patience=2))
-    default = T.schedule_of(t, NetPlan(arch="A", lr=0.01))
+    own = schedule_of(optimizer(0.02), t, NetPlan(arch="B", lr=0.02, lr_patience=2))
+    default = schedule_of(optimizer(0.01), t, NetPlan(arch="A", lr=0.01))
     assert (own.lr, own.patience, own.threshold) == (0.02, 2, 0.005)
     assert (default.lr, default.patience) == (0.01, 1)
     accs = [0.50, 0.52, 0.522, 0.53, 0.532, 0.534]  # +0.2 points is not an improvement
@@ -163,7 +195,7 @@ def test_a_trains_two_epochs_on_two_workers(trained_a, data):
 
     # model.pt holds the best epoch (max val accuracy, the later one on ties)
     best = max(epochs, key=lambda r: (r["val_top1_acc"], r["epoch"]))
-    net, meta = T.load_model(ctx.out)
+    net, meta = load_model(ctx.out)
     assert meta["epoch"] == best["epoch"] and meta["val_top1_err"] == pytest.approx(best["val_top1_err"])
     assert (meta["arch"], meta["width"], meta["crop"], meta["num_classes"]) == ("A", 0.125, CROP, CLASSES)
     assert meta["classes"] == data.shard.read_json("classes.json") and meta["net"] == "A"
@@ -171,7 +203,7 @@ def test_a_trains_two_epochs_on_two_workers(trained_a, data):
     assert_same_weights(net.state_dict(), checkpoint_state(ctx, best["epoch"])["model"])
 
     # Ray Train kept the best checkpoint and the latest (keep_checkpoints=1)
-    kept = {p.name for p in (Path(ctx.scratch.path) / T.RUN_NAME).glob("epoch_*")}
+    kept = {p.name for p in (Path(ctx.scratch.path) / worker.RUN_NAME).glob("epoch_*")}
     assert kept == {f"epoch_{best['epoch']:04d}", "epoch_0001"}
     last = checkpoint_state(ctx, 1)
     assert {"model", "optimizer", "schedule", "epoch", "progress", "config"} <= last.keys()
@@ -202,7 +234,7 @@ def test_epoch_record_scores_accuracy_and_judges_collapse():
                      torch.bincount(torch.zeros(n, dtype=torch.long), minlength=k).double(),
                      probs.sum(0), (probs * probs).sum(0)])
     train = torch.tensor([4.0, n, 3.0, 8.0], dtype=torch.float64)
-    rec = T._epoch_record(0, 0.01, train, val, 1.0, 2.0, k)
+    rec = worker._epoch_record(0, 0.01, train, val, 1.0, 2.0, k)
     assert rec["val_top1_acc"] == 0.25 and rec["val_top1_err"] == 0.75
     assert rec["val_top5_err"] is None  # 4 classes: top-5 cannot miss
     assert rec["val_health"]["collapsed"] and rec["val_health"]["classes_predicted"] == 1
@@ -216,11 +248,11 @@ def test_hits_count_non_finite_logits_as_misses():
 def test_b_starts_from_a(trained_a, data, tmp_path):
     """B (epochs 0: the starting state is the result) takes A's first four convs (at the same
     block positions) and its three FC layers; everything else is B's own random init."""
-    a_net, _ = T.load_model(trained_a.ctx.out)
+    a_net, _ = load_model(trained_a.ctx.out)
     ctx = make_ctx(data, tmp_path / "work", section("B", "B", epochs=0, init={"from_A": "train/A"}),
-                   {"train/A": trained_a.ctx.out})
-    result = T.run(ctx)
-    b_net, meta = T.load_model(ctx.out)
+                   trained_a.ctx.out)
+    result = ctx.run()
+    b_net, meta = load_model(ctx.out)
     copied = json.loads(Path(ctx.out.join("init.json")).read_text())["copied"]
     assert result.params["init_copied_tensors"] == len(copied) == 2 * (4 + 3)
     a_state, b_state = a_net.state_dict(), b_net.state_dict()
@@ -244,13 +276,13 @@ def test_from_a_rest_initialises_the_other_layers(tmp_path, rest):
     """`rest` picks the init of the layers A does not provide: N(0, init_std^2) by default
     (the paper), or Glorot; the copied ones are A's either way (no Ray needed)."""
     sec = section("B", "B", init={"from_A": "train/A", **({"rest": rest} if rest else {})})
-    t = sec["train"]
-    a_net = T.build_vgg("A", num_classes=CLASSES, width=t.width, crop=CROP, init="glorot")
+    t = sec.train
+    a_net = build_vgg("A", num_classes=CLASSES, width=t.width, crop=CROP, init="glorot")
     a_out = Store(str(tmp_path)).begin("train/A", "k")
-    T.save_model(a_out, a_net, {"epoch": 3})
-    net, info = T.initial_model(sec, CLASSES, CROP, {"train/A": a_out})
+    save_model(a_out, a_net, {"epoch": 3})
+    net, info = initial_model(sec.train, sec.net, CLASSES, CROP, TrainedNet(a_out))
     torch.manual_seed(t.seed)
-    ref = T.build_vgg("B", num_classes=CLASSES, width=t.width, crop=CROP, dropout=t.dropout,
+    ref = build_vgg("B", num_classes=CLASSES, width=t.width, crop=CROP, dropout=t.dropout,
                       init="glorot" if rest == "glorot" else "normal", init_std=t.init_std).state_dict()
     state, a_state = net.state_dict(), a_net.state_dict()
     assert len(info["copied"]) == 14 and info["source_epoch"] == 3
@@ -271,9 +303,8 @@ def test_from_a_rest_initialises_the_other_layers(tmp_path, rest):
 @pytest.mark.slow
 def test_killed_worker_restarts_from_the_last_checkpoint(trained_a, data, tmp_path, monkeypatch):
     marker = tmp_path / "killed"
-    monkeypatch.setenv(T.KILL_ENV, f"1:2:1:{marker}")  # epoch 1, step 2, rank 1: mid-epoch
     ctx = make_ctx(data, tmp_path / "work", section())
-    T.run(ctx)
+    ctx.run([KillAt(1, 2, 1, str(marker))])  # epoch 1, step 2, rank 1: mid-epoch
     assert marker.exists()
     h = history(ctx)
     assert [r["epoch"] for r in h["epochs"]] == [0, 1]  # epoch 0 not repeated
@@ -290,12 +321,12 @@ from ray._private import ray_constants
 ray_constants.ENABLE_RAY_CLUSTER = False  # the cluster is bound to 127.0.0.1 (conftest)
 ray.init(address=sys.argv[2], log_to_driver=False)
 from stages.train import run
-run(pickle.load(open(sys.argv[1], "rb")))
+run(*pickle.load(open(sys.argv[1], "rb")))  # config, inputs, ctx, callbacks
 """
 
 
-def snapshot_has(ctx: StageContext, checkpoint_dir: str) -> bool:
-    snap = Path(ctx.scratch.path) / T.RUN_NAME / "checkpoint_manager_snapshot.json"
+def snapshot_has(ctx: Job, checkpoint_dir: str) -> bool:
+    snap = Path(ctx.scratch.path) / worker.RUN_NAME / "checkpoint_manager_snapshot.json"
     return snap.exists() and checkpoint_dir in snap.read_text()
 
 
@@ -307,11 +338,11 @@ def test_interrupted_stage_resumes_at_the_next_epoch_exactly(trained_a, data, tm
     (seed, epoch, rank), weights and optimizer state are identical on all ranks)."""
     sec = section()
     first = make_ctx(data, tmp_path / "work", sec)
-    (tmp_path / "ctx.pkl").write_bytes(pickle.dumps(first))
-    env = {**os.environ, T.HANG_ENV: "0"}  # rank 0 waits after epoch 0's checkpoint
+    # rank 0 waits after epoch 0's checkpoint
+    (tmp_path / "ctx.pkl").write_bytes(pickle.dumps(first.args([HangAfterEpoch(0)])))
     proc = subprocess.Popen([sys.executable, "-c", DRIVER, str(tmp_path / "ctx.pkl"),
                              ray_session.get_runtime_context().gcs_address, str(ROOT)],
-                            env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=open(tmp_path / "driver.log", "wb"))
     try:
         deadline = time.monotonic() + 240
@@ -325,7 +356,7 @@ def test_interrupted_stage_resumes_at_the_next_epoch_exactly(trained_a, data, tm
     assert not snapshot_has(first, "epoch_0001")
 
     again = make_ctx(data, tmp_path / "work", sec)  # same key -> same scratch, new output dir
-    T.run(again)
+    again.run()
     h = history(again)
     assert [r["epoch"] for r in h["epochs"]] == [0, 1]
     assert [r["after_epoch"] for r in h["resumes"]] == [0]
@@ -339,7 +370,7 @@ def test_interrupted_stage_resumes_at_the_next_epoch_exactly(trained_a, data, tm
     assert sorted(m.step for m in steps) == [0, 1]
 
 
-def _same_but_timing(h: dict, ref_ctx: StageContext) -> bool:
+def _same_but_timing(h: dict, ref_ctx: Job) -> bool:
     """Epoch records equal apart from the wall-clock fields."""
     drop = ("images_per_s", "epoch_seconds")
     strip = lambda rs: [{k: v for k, v in r.items() if k not in drop} for r in rs]  # noqa: E731
@@ -360,7 +391,7 @@ from pipeline.runner import check_shared_work_dir
 assert check_shared_work_dir(sys.argv[3]) == 2  # both nodes see the (same machine's) work_dir
 from stages.train import run
 try:
-    run(pickle.load(open(sys.argv[1], "rb")))
+    run(*pickle.load(open(sys.argv[1], "rb")))  # config, inputs, ctx, callbacks
 finally:
     import ray
     ray.shutdown()
@@ -374,11 +405,10 @@ def test_two_nodes_one_worker_each_use_both_shares(data, tmp_path):
     the two workers land on different nodes and together see every training image once."""
     debug = tmp_path / "rows"
     ctx = make_ctx(data, tmp_path / "work", section(epochs=1))
-    (tmp_path / "ctx.pkl").write_bytes(pickle.dumps(ctx))
-    env = {**os.environ, T.DEBUG_ENV: str(debug)}
+    (tmp_path / "ctx.pkl").write_bytes(pickle.dumps(ctx.args([RecordRows(str(debug))])))
     done = subprocess.run([sys.executable, "-c", TWO_NODES, str(tmp_path / "ctx.pkl"), str(ROOT),
                            str(tmp_path / "work")],
-                          env=env, capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
     workers = history(ctx)["workers"]
     # different nodes (Ray Train's node_rank groups workers by IP: both nodes are 127.0.0.1 here)
@@ -401,8 +431,8 @@ def test_torchvision_weights_are_imported_without_training(data, tmp_path):
     augment = augment_output(tmp_path, data.stats, 224)  # torchvision's FC1 sees 7x7: crop 224
     sec = section("A_tv", epochs=0, init="random", weights=str(tmp_path / "vgg11.pth"))
     ctx = make_ctx(data, tmp_path / "work", sec, augment=augment)
-    result = T.run(ctx)
-    net, meta = T.load_model(ctx.out)
+    result = ctx.run()
+    net, meta = load_model(ctx.out)
     assert (meta["arch"], meta["width"], meta["crop"], meta["num_classes"]) == ("A", 1.0, 224, CLASSES)
     assert meta["origin"].startswith("imported")
     for k, v in state.items():
@@ -415,7 +445,7 @@ def test_torchvision_weights_are_imported_without_training(data, tmp_path):
     four = {k: torch.zeros(1) for k in state} | {"classifier.6.weight": torch.zeros(4, 4096)}
     torch.save(four, tmp_path / "vgg11_4.pth")
     with pytest.raises(ValueError, match="has 4 classes, the dataset has 3"):
-        T.run(make_ctx(data, tmp_path / "w2", section("A_tv", epochs=0, init="random",
-                                                      weights=str(tmp_path / "vgg11_4.pth")), augment=augment))
+        make_ctx(data, tmp_path / "w2", section("A_tv", epochs=0, init="random",
+                                                weights=str(tmp_path / "vgg11_4.pth")), augment=augment).run()
     with pytest.raises(ValueError, match=r"crop 224 .*augment.crop is 32"):
-        T.run(make_ctx(data, tmp_path / "w3", sec))
+        make_ctx(data, tmp_path / "w3", sec).run()

@@ -1,4 +1,4 @@
-"""Tests of stages/vgg.py: layer tables, parameter counts, torchvision layout, dense mode,
+"""Tests of vgg/models.py: layer tables, parameter counts, torchvision layout, dense mode,
 initialisation (Sec. 3.1) and weight loading. CPU only; width-1 nets only where needed."""
 
 import math
@@ -8,7 +8,7 @@ import torch
 import torchvision
 from torch import nn
 
-from stages.vgg import (
+from vgg.models import (
     available_nets, build_vgg, conv_layers, conv_positions, fc_layers, forward_macs, init_from,
     load_full, map_torchvision_state, net_config, register_net,
 )

@@ -27,7 +27,6 @@ import pyarrow.fs as pafs
 
 from pipeline.storage import StageOutput, exists, read_bytes, write_bytes, write_json
 from vgg.data.augmentation import AugmentSpec
-from vgg.paper import parse_mode
 from vgg.results.metrics import Health, Posteriors, read_posteriors, write_posteriors
 from vgg.results.tables import EvalRow, FusionRow
 
@@ -179,7 +178,6 @@ class Evaluation(Artifact):
         return self.has(posteriors_file(mode))
 
     def posteriors(self, mode: str) -> Posteriors:
-        parse_mode(mode)
         if not self.has_mode(mode):
             raise MissingArtifact(f"{self.out.uri} has no mode {mode!r}; available modes: "
                                   f"{', '.join(self.modes()) or 'none'}")

@@ -75,9 +75,9 @@ def metric_name(mode: str, what: str) -> str:
 
 
 # ------------------------------------------------------------------ scales
-def parse_scale(scale: Scale, crop: int) -> tuple[int, int]:
+def parse_scale(scale: Scale, crop: int, crop_key: str = "") -> tuple[int, int]:
     """S or [Smin, Smax] -> (Smin, Smax). ValueError unless Smin <= Smax and the crop fits
-    in the rescaled image (crop <= Smin)."""
+    in the rescaled image (crop <= Smin); `crop_key` names the crop's setting in the message."""
     def is_int(v) -> bool:
         return isinstance(v, int) and not isinstance(v, bool) or type(v).__name__.startswith("int")
 
@@ -90,7 +90,7 @@ def parse_scale(scale: Scale, crop: int) -> tuple[int, int]:
     if lo > hi:
         raise ValueError(f"Smin ({lo}) must be <= Smax ({hi})")
     if crop > lo:
-        raise ValueError(f"the crop ({crop}) is larger than the smallest scale {lo}")
+        raise ValueError(f"the crop ({crop_key + ' = ' if crop_key else ''}{crop}) is larger than the smallest scale {lo}")
     return lo, hi
 
 

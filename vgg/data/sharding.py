@@ -34,7 +34,8 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 
 from pipeline.config import ShardConfig
-from pipeline.storage import StageOutput, resolve_uri, write_bytes, write_json
+from pipeline.storage import StageOutput, resolve_uri, write_bytes
+from vgg.artifacts import CONVERTED_FILE, SKIPPED_FILE, write_shard_index
 from vgg.data.folders import DatasetError, Listing, list_image_folder
 
 SHARD_COLUMNS = ["key", "label", "class_name", "image", "height", "width"]
@@ -236,10 +237,9 @@ def shard(root: str, out: StageOutput, cfg: ShardConfig, log=print,
         np.sum([m["rgb_sum"] for m in train_meta], axis=0),
         np.sum([m["rgb_outer"] for m in train_meta], axis=0),
     )
-    write_json(out.fs, out.join("stats.json"), stats)
-    write_json(out.fs, out.join("classes.json"), classes)
-    write_bytes(out.fs, out.join("skipped.csv"), _csv([("key", "reason"), *skipped]))
-    write_bytes(out.fs, out.join("converted.csv"), _csv([("key", "reason"), *converted]))
+    write_shard_index(out, classes, stats)
+    write_bytes(out.fs, out.join(SKIPPED_FILE), _csv([("key", "reason"), *skipped]))
+    write_bytes(out.fs, out.join(CONVERTED_FILE), _csv([("key", "reason"), *converted]))
     manifest["seconds"] = round(time.monotonic() - t0, 3)
     return manifest
 

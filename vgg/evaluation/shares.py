@@ -32,6 +32,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+import ray
 import torch
 
 from pipeline.config import EvaluateConfig, NetPlan
@@ -160,7 +161,7 @@ def _check_model(net: VGG, meta: dict, spec, job: ShareJob) -> None:
                          f"{len(job.classes)}")
     if meta.get("classes") is not None and list(meta["classes"]) != list(job.classes):
         raise ValueError(f"{job.model_uri}: the net's class list differs from the shards' "
-                         f"classes.json")
+                         f"class list")
 
 
 def _lap(t0: float, device: torch.device) -> float:
@@ -191,8 +192,6 @@ def run_shares(job: ShareJob, num_workers: int, cpus_per_worker: float, log=prin
     A line per finished share, and one every `every_s` while none finishes; a
     failed share cancels the others and raises its error.
     """
-    import ray
-
     task = ray.remote(evaluate_share).options(
         num_cpus=cpus_per_worker, num_gpus=1 if job.use_gpu else 0, name=f"{job.name} share")
     pending = [task.remote(dataclasses.replace(job, rank=r, world_size=num_workers))

@@ -156,7 +156,7 @@ class EvalRow:
     @classmethod
     def from_errors(cls, net: str, arch: str, train_scale: int | tuple[int, int], method: str,
                     q: Sequence[int], errs: dict[str, float]) -> EvalRow:
-        """A row from `stages.metrics.errors` output (fractions); scales follows from len(q)."""
+        """A row from `vgg.results.metrics.errors` output (fractions); scales follows from len(q)."""
         top5 = errs.get("top5")
         return cls(net, arch, train_scale, method, "single" if len(q) == 1 else "multi", list(q),
                    100.0 * errs["top1"], None if top5 is None else 100.0 * top5)

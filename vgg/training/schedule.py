@@ -36,6 +36,14 @@ class PlateauSchedule:
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
+    @property
+    def patience(self) -> int:
+        return self.torch.patience + 1
+
+    @property
+    def threshold(self) -> float:
+        return self.torch.threshold
+
     def step(self, accuracy: float, epoch: int) -> bool:
         """Record one epoch's validation accuracy; True if the lr was divided after it."""
         before = self.lr

@@ -32,7 +32,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow.fs as pafs
+import ray
+import ray.train
+import ray.train.torch
 import torch
+import torch.distributed as dist
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
 from torch import nn
 
 from pipeline.config import NetPlan, TrainConfig, to_dict
@@ -131,9 +140,6 @@ class Chief:
         """Per-epoch metrics into the stage's MLflow run, step = epoch."""
         if not (self.active and self.plan.run_id and records):
             return
-        from mlflow.entities import Metric
-        from mlflow.tracking import MlflowClient
-
         self._client = self._client or MlflowClient(self.plan.tracking_uri)
         now = int(time.time() * 1000)
         metrics = [Metric(k, float(r[k]), now, r["epoch"]) for r in records for k in EPOCH_METRICS
@@ -162,9 +168,6 @@ EPOCH_METRICS = ("train_loss", "train_top1_err", "train_top5_err", "val_top1_err
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train worker: restore or initialise, then train/validate/checkpoint per epoch."""
-    import ray.train
-    import ray.train.torch
-
     plan: WorkerPlan = config["plan"]
     t, ctx = plan.train, ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -206,9 +209,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 def _restore(plan: WorkerPlan, device: torch.device, ctx, chief: Chief):
     """(DDP net, optimizer, schedule, progress, first epoch) from the latest checkpoint or init."""
-    import ray.train
-    import ray.train.torch
-
     t = plan.train
     net = empty_net(plan.net.arch, num_classes=plan.num_classes, width=t.width,
                     crop=plan.spec["crop"], dropout=t.dropout, batch_norm=t.batch_norm)
@@ -367,7 +367,7 @@ def evaluate(net: nn.Module, loader, plan: WorkerPlan, device: torch.device) -> 
 def _epoch_record(epoch: int, lr: float, train: torch.Tensor, val: torch.Tensor,
                   train_s: float, epoch_s: float, num_classes: int) -> dict[str, Any]:
     """One history entry; errors are fractions; top-k error is None for k > classes
-    (as in stages.metrics.errors)."""
+    (as in vgg.results.metrics.errors)."""
     loss, n, *hits = train.tolist()
     nv, *vhits = val[:1 + len(TOPK)].tolist()
     rec: dict[str, Any] = {"epoch": epoch, "lr": lr, "train_loss": loss / max(n, 1),
@@ -388,8 +388,6 @@ def _checkpoint(plan: WorkerPlan, net: nn.Module, optimizer, schedule: PlateauSc
                 progress: dict[str, Any], epoch: int, rank: int) -> None:
     """Report the epoch on every rank; rank 0 attaches the checkpoint (all ranks hold the
     same weights and optimizer state). No RNG state: every epoch reseeds from (seed, epoch, rank)."""
-    import ray.train
-
     record = progress["history"][-1]
     metrics = {k: record[k] for k in ("epoch", SCORE, "val_top1_err", "val_top5_err", "train_loss", "lr")}
     with tempfile.TemporaryDirectory() as tmp:
@@ -428,24 +426,18 @@ def _seed(seed: int, epoch: int, rank: int) -> int:
 
 
 def _all_sum(x: torch.Tensor) -> torch.Tensor:
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(x, op=dist.ReduceOp.SUM)
     return x
 
 
 def _all_min(x: torch.Tensor) -> int:
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(x, op=dist.ReduceOp.MIN)
     return int(x.item())
 
 
 def _all_max(n: int, device: torch.device) -> int:
-    import torch.distributed as dist
-
     x = torch.tensor([n], dtype=torch.long, device=device)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(x, op=dist.ReduceOp.MAX)
@@ -454,9 +446,6 @@ def _all_max(n: int, device: torch.device) -> int:
 
 def _placement(ctx, device: torch.device) -> list[dict[str, Any]]:
     """Every rank's node (id, rank) and device, gathered on all ranks."""
-    import ray
-    import torch.distributed as dist
-
     me = {"rank": ctx.get_world_rank(), "node_rank": ctx.get_node_rank(),
           "node_id": ray.get_runtime_context().get_node_id(), "device": str(device)}
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
@@ -469,8 +458,6 @@ def _placement(ctx, device: torch.device) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------- the driver's side
 def has_checkpoint(scratch: StageOutput) -> bool:
     """Whether an earlier run of this stage and key left a Ray Train checkpoint (a resume)."""
-    import pyarrow.fs as pafs
-
     run = scratch.join(RUN_NAME)
     if not exists(scratch.fs, run):
         return False
@@ -489,9 +476,6 @@ def read_outcome(uri: str, remove: bool = True) -> dict[str, Any]:
 
 
 def trainer(plan: WorkerPlan, scratch: StageOutput):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     t = plan.train
     resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
     return TorchTrainer(
