@@ -7,6 +7,7 @@ import errno
 import os
 import sys
 import tempfile
+import time
 import traceback
 from pathlib import Path
 
@@ -28,6 +29,7 @@ config keys (YAML, typed; every key can be overridden with --set dotted.key=valu
   mlflow.tracking_uri    default sqlite:///<work_dir>/mlflow.db; the env variable MLFLOW_TRACKING_URI wins
   ray.address            default: $RAY_ADDRESS if set, else a private local Ray instance; "auto" on a cluster
   data.root              image folder <root>/{train,val}/<class>/*; unset: a generated demo dataset
+  pipeline.max_parallel_stages   stages at once (default: as the cluster's resources allow; 1: one by one)
 
 caching: a stage whose cache key (hash of its config section, its upstream stages'
 keys and the package version) has a completed output is reused, not re-run.
@@ -87,18 +89,37 @@ def find_config(path: str | None) -> Path:
 
 
 def print_dag(cfg) -> None:
-    from pipeline.runner import states
+    """The stages with their state, the critical path, and the plan's expected wall time,
+    serial and concurrent, from the durations of earlier runs of each stage in MLflow."""
+    from pipeline.dag import build_dag
+    from pipeline.runner import earlier_durations, states
+    from pipeline.scheduler import critical_path
 
     rows = states(cfg)
-    print(f"{'stage':<20} {'state':<8} {'cache key':<17} upstream")
+    seconds = earlier_durations(cfg, [spec.id for spec, _, _ in rows])
+    print(f"{'stage':<20} {'state':<8} {'cache key':<17} {'last s':>7}  upstream")
     for spec, key, state in rows:
-        print(f"{spec.id:<20} {state:<8} {key:<17} {', '.join(spec.upstream) or '-'}")
+        last = f"{seconds[spec.id]:.0f}" if spec.id in seconds else "-"
+        print(f"{spec.id:<20} {state:<8} {key:<17} {last:>7}  {', '.join(spec.upstream) or '-'}")
+    path, longest = critical_path(build_dag(cfg), seconds)
+    print(f"\ncritical path: {' -> '.join(path)}")
+    if not seconds:
+        print("expected wall time: unknown (no earlier run of these stages in MLflow)")
+        return
+    unknown = [spec.id for spec, _, _ in rows if spec.id not in seconds]
+    print(f"expected wall time from earlier runs: serial {sum(seconds.values()):.0f} s, concurrent "
+          f"{longest:.0f} s (the critical path; if the cluster fits every stage that is ready)"
+          + (f"; no earlier run of {', '.join(unknown)} (counted 0 s)" if unknown else ""))
 
 
 def print_summary(run) -> None:
-    print(f"\n{'stage':<20} {'status':<8} {'seconds':>8}  output")
+    """Every stage: ran / reused / failed / blocked, its start and end, its output (or why not)."""
+    print(f"\n{'stage':<20} {'status':<8} {'start':>8} {'end':>8} {'seconds':>8}  output")
+    clock = lambda t: time.strftime("%H:%M:%S", time.localtime(t)) if t else "-"  # noqa: E731
     for r in run.records:
-        print(f"{r.stage_id:<20} {r.status:<8} {r.seconds:>8.1f}  {r.output_uri}")
+        where = r.output_uri if r.status in ("ran", "reused") else (
+            f"blocked by {r.note}" if r.status == "blocked" else r.note)
+        print(f"{r.stage_id:<20} {r.status:<8} {clock(r.started):>8} {clock(r.ended):>8} {r.seconds:>8.1f}  {where}")
     print(f"MLflow parent run: {run.parent_run_id} (experiment id {run.experiment_id}, {run.tracking_uri})")
 
 
@@ -154,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         run = run_pipeline(cfg, args.stage, args.force, str(cfg_path))
     except Exception as e:  # noqa: BLE001 - expected errors in one line, others as they are
+        if getattr(e, "pipeline_run", None) is not None:
+            print_summary(e.pipeline_run)  # every stage: which ran, failed, or were blocked
         known = user_error(e)
         if known is None:
             raise

@@ -75,9 +75,16 @@ class DemoDataConfig:
 
 @dataclass
 class DataConfig:
-    #: Image folder <root>/train/<class>/*, <root>/val/<class>/* (or test/).
-    #: A local path or a pyarrow filesystem URI. None: the generated demo set.
+    #: The dataset, in the layout `layout` names: a local path or a pyarrow filesystem
+    #: URI. None: the generated demo set (a plain image folder).
     root: str | None = None
+    #: How `root` is laid out (README, "ImageNet (ILSVRC-2012) as you have it"):
+    #: "folders": <root>/train/<class>/*, <root>/val/<class>/* (or test/);
+    #: "ilsvrc2012": the official ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar and
+    #: ILSVRC2012_devkit_t12.tar.gz in root (read in place, not extracted), or their
+    #: extracted forms; "kaggle": the Kaggle copy (ILSVRC/Data/CLS-LOC, LOC_val_solution.csv,
+    #: LOC_synset_mapping.txt). Classes are sorted by name (ImageNet: by wnid) in every layout.
+    layout: Literal["folders", "ilsvrc2012", "kaggle"] = "folders"
     demo: DemoDataConfig = field(default_factory=DemoDataConfig)
     #: At most this many images per class of the training / validation split (None: all):
     #: a seeded random subset (shard.seed), for runs sized to a small machine.
@@ -257,11 +264,23 @@ class ReportConfig:
 
 
 @dataclass
+class PipelineOptions:
+    """How the DAG runs (no stage's cache key depends on these)."""
+
+    #: Stages running at once, each as a Ray task that holds no resources itself: its Ray
+    #: Train or Ray Data job waits for what it needs, so stages that do not fit wait their
+    #: turn. None: no limit beyond the cluster's resources. 1: one stage after the other,
+    #: in this process.
+    max_parallel_stages: int | None = None
+
+
+@dataclass
 class PipelineConfig:
     #: Where every output lives: a local path or a filesystem URI (s3://...).
     work_dir: str = "./runs"
     #: MLflow experiment name.
     experiment: str = "vgg"
+    pipeline: PipelineOptions = field(default_factory=PipelineOptions)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -301,6 +320,8 @@ def validate(cfg: PipelineConfig) -> None:
     _check_seeds(cfg)
     _check(bool(cfg.work_dir), "work_dir", "must not be empty")
     _check(bool(cfg.experiment), "experiment", "must not be empty")
+    n = cfg.pipeline.max_parallel_stages
+    _check(n is None or n >= 1, "pipeline.max_parallel_stages", f"must be >= 1 (or null: no limit), got {n}")
     _check(cfg.mlflow.retry_s >= 5, "mlflow.retry_s", f"must be >= 5 seconds, got {cfg.mlflow.retry_s}")
     d = cfg.data.demo
     _check(d.num_classes >= 2, "data.demo.num_classes", f"must be >= 2, got {d.num_classes}")
@@ -312,6 +333,10 @@ def validate(cfg: PipelineConfig) -> None:
         "data.demo.max_side",
         f"must be >= data.demo.min_side ({d.min_side}), got {d.max_side}",
     )
+    layouts = get_args(typing.get_type_hints(DataConfig)["layout"])
+    _check(cfg.data.layout in layouts, "data.layout", f"must be one of {list(layouts)}, got {cfg.data.layout!r}")
+    _check(cfg.data.layout == "folders" or cfg.data.root is not None, "data.layout",
+           f"{cfg.data.layout} needs data.root (without it the generated demo set, an image folder, is used)")
     for split in ("train", "val"):
         n = getattr(cfg.data, f"{split}_per_class")
         _check(n is None or n >= 1, f"data.{split}_per_class", f"must be >= 1 (or null: all images), got {n}")

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
-import time
-import traceback
-from typing import Any
+import tempfile
 from dataclasses import dataclass, field
 
 import mlflow
@@ -20,8 +18,10 @@ from pipeline import tracking
 from pipeline.config import PipelineConfig, to_dict
 from pipeline.errors import TrackingServerLost, UserError
 from pipeline.dag import StageSpec, build_dag, cache_key, package_version, upstream_closure
-from pipeline.stage import StageContext, StageResult, TrackingInfo
-from pipeline.storage import StageOutput, Store, is_local, resolve_uri, write_json
+from pipeline.execution import StageJob, StageRecord
+from pipeline.scheduler import schedule, timeline_png, with_times
+from pipeline.stage import TrackingInfo
+from pipeline.storage import StageOutput, Store, is_local, resolve_uri
 from vgg.artifacts import MARKDOWN_FILE, PLOT_FILE, TABLES_DIR, Report
 
 
@@ -32,17 +32,6 @@ class PipelineError(UserError, RuntimeError):
 
 
 @dataclass
-class StageRecord:
-    stage_id: str
-    kind: str
-    cache_key: str
-    status: str  # ran | reused | failed | upstream
-    seconds: float = 0.0
-    output_uri: str = ""
-    run_id: str = ""  # the MLflow run that produced the output
-
-
-@dataclass
 class PipelineRun:
     parent_run_id: str
     experiment_id: str
@@ -50,7 +39,7 @@ class PipelineRun:
     records: list[StageRecord] = field(default_factory=list)
 
     def status_of(self, sid: str) -> str:
-        return next(r.status for r in self.records if r.stage_id == sid)
+        return next((r.status for r in self.records if r.stage_id == sid), "not run")
 
 
 # ------------------------------------------------------------------ planning
@@ -118,6 +107,29 @@ def states(cfg: PipelineConfig) -> list[tuple[StageSpec, str, str]]:
     return out
 
 
+def earlier_durations(cfg: PipelineConfig, stage_ids: list[str]) -> dict[str, float]:
+    """Seconds of the latest FINISHED MLflow run of each stage (any cache key), where there
+    is one: what `--list` estimates the plan's wall time from. Creates no store."""
+    uri = tracking.tracking_uri(cfg)
+    db = tracking.sqlite_file(uri)
+    if db is not None and not os.path.exists(db):
+        return {}
+    try:
+        client = mlflow.tracking.MlflowClient(uri)
+        exp = client.get_experiment_by_name(cfg.experiment)
+    except Exception:  # noqa: BLE001 - no store, no server: no estimate
+        return {}
+    if exp is None:
+        return {}
+    out = {}
+    for sid in stage_ids:
+        runs = client.search_runs([exp.experiment_id], f"tags.stage_id = '{sid}' and attributes.status = 'FINISHED'",
+                                  order_by=["attributes.start_time DESC"], max_results=1)
+        if runs and "stage_seconds" in runs[0].data.metrics:
+            out[sid] = runs[0].data.metrics["stage_seconds"]
+    return out
+
+
 # ------------------------------------------------------------------ execution
 
 
@@ -163,48 +175,49 @@ def _run(
     config_path: str,
     partial: bool,
 ) -> PipelineRun:
-    """The parent MLflow run: each selected stage reused or executed, then the report."""
+    """The parent MLflow run: the selected stages reused or executed (`pipeline.scheduler`),
+    then the report into the parent run. Raises the first failure once every stage that
+    could run has run."""
     exp_id = tracking.setup_experiment(cfg, uri)
     stale = tracking.mark_stale_runs(uri, exp_id, store.work_dir)
     if stale:
         _say(f"marked {len(stale)} MLflow run(s) of an interrupted invocation KILLED")
-    inputs = {sid: store.output(sid, keys[sid]) for sid in keys if sid not in selected}
-    ray_started = False
+    outputs = {sid: store.output(sid, keys[sid]) for sid in keys if sid not in selected}
+    to_run = [s for s in selected if force or not store.is_complete(s, keys[s])]
+    ray_started = any(dag[s].needs_ray for s in to_run) and connect_ray(cfg)
+    use_ray = ray_started or _ray_is_up()  # stage tasks also on a Ray this process joined before
     name = "stage " + " ".join(selected) if partial else "pipeline"
     with mlflow.start_run(experiment_id=exp_id, run_name=name) as parent:
         run = PipelineRun(parent.info.run_id, exp_id, uri)
         _log_parent_start(cfg, config_path, selected, force, store)
         _say(f"MLflow run {parent.info.run_id} (experiment {cfg.experiment!r}) at {uri}")
+        info = TrackingInfo(uri, exp_id, parent.info.run_id)
+        mlflow_env = tracking.http_retry_env(cfg.mlflow.retry_s)
+
+        def job(sid: str) -> StageJob:
+            ups = {u: outputs[u] for u in dag[sid].upstream}
+            return StageJob(dag[sid], keys[sid], ups, cfg.work_dir, info, force, cfg.mlflow.system_metrics,
+                            mlflow_env, tracking.owner_tags(store.work_dir))
+
+        def done(sid: str) -> None:
+            outputs[sid] = store.output(sid, keys[sid])
+
         try:
-            for i, sid in enumerate(selected, 1):
-                spec, key = dag[sid], keys[sid]
-                prefix = f"[{i}/{len(selected)}] {sid:<16}"
-                if not force and store.is_complete(sid, key):
-                    rec = _reuse(store, spec, key)
-                    _say(f"{prefix} reused  (cache key {key}, {rec.output_uri})")
-                else:
-                    with store.claim(sid, key, lambda who: _say(f"{prefix} waiting: {who} is running it")):
-                        if not force and store.is_complete(sid, key):  # the other invocation made it
-                            rec = _reuse(store, spec, key)
-                            _say(f"{prefix} reused  (made by another invocation, {rec.output_uri})")
-                        else:
-                            if spec.needs_ray and not ray_started:
-                                ray_started = connect_ray(cfg)
-                            _say(f"{prefix} running (cache key {key})")
-                            if force:  # a forced re-run starts over: no resuming from old checkpoints
-                                store.clear_scratch(sid, key)
-                            rec = _execute(store, spec, key, inputs, TrackingInfo(uri, exp_id, ""), cfg)
-                            _say(f"{prefix} done in {rec.seconds:.1f} s -> {rec.output_uri}")
-                inputs[sid] = store.output(sid, key)
-                run.records.append(rec)
-            if "report" in inputs:
-                _log_report(inputs["report"])
+            outcome = schedule(dag, selected, job, cfg.pipeline.max_parallel_stages,
+                               use_ray=use_ray, on_done=done)
+            run.records = outcome.records
+            if "report" in selected and run.status_of("report") in ("ran", "reused"):
+                _log_report(outputs["report"])
         finally:
             try:
                 _log_parent_end(run)
             finally:
                 if ray_started:
                     disconnect_ray()
+    if outcome.failures:
+        sid, error = outcome.failures[0]
+        error.pipeline_run = run  # the CLI prints the closing summary before the error
+        raise error
     return run
 
 
@@ -223,18 +236,25 @@ def _log_parent_start(cfg: PipelineConfig, config_path: str, selected: list[str]
 
 
 def _log_parent_end(run: PipelineRun) -> None:
+    """stages.json (every stage: status, start and end, output, run), a timeline PNG of the
+    stages over wall time, tags and counts."""
     if not run.records:
         return
-    cols = ["stage_id", "kind", "status", "cache_key", "seconds", "output_uri", "run_id"]
-    mlflow.log_table({c: [getattr(r, c) for r in run.records] for c in cols}, artifact_file="stages.json")
-    tags = {f"stage.{r.stage_id}": f"{r.status} {r.cache_key}" for r in run.records}
-    mlflow.set_tags(tags)
-    mlflow.log_metrics(
-        {
-            "stages_ran": sum(r.status == "ran" for r in run.records),
-            "stages_reused": sum(r.status == "reused" for r in run.records),
-        }
-    )
+    rows = [with_times(r) for r in run.records]
+    cols = ["stage_id", "kind", "status", "started", "ended", "seconds", "cache_key", "output_uri", "run_id", "note"]
+    mlflow.log_table({c: [row[c] for row in rows] for c in cols}, artifact_file="stages.json")
+    with tempfile.TemporaryDirectory() as tmp:
+        png = os.path.join(tmp, "timeline.png")
+        timeline_png(run.records, png)
+        mlflow.log_artifact(png)
+    mlflow.set_tags({f"stage.{r.stage_id}": f"{r.status} {r.cache_key}".strip() for r in run.records})
+    counts = {f"stages_{status}": sum(r.status == status for r in run.records)
+              for status in ("ran", "reused", "failed", "blocked")}
+    starts = [r.started for r in run.records if r.started]
+    ends = [r.ended for r in run.records if r.ended]
+    if starts and ends:
+        counts["stages_wall_seconds"] = max(ends) - min(starts)
+    mlflow.log_metrics(counts)
 
 
 def _log_report(output: StageOutput) -> None:
@@ -249,91 +269,11 @@ def _log_report(output: StageOutput) -> None:
     print("\n" + markdown, flush=True)
 
 
-def _reuse(store: Store, spec: StageSpec, key: str) -> StageRecord:
-    out = store.output(spec.id, key)
-    marker = out.marker
-    return StageRecord(spec.id, spec.kind, key, "reused", 0.0, out.uri, marker.get("mlflow_run_id", ""))
-
-
-def _execute(
-    store: Store,
-    spec: StageSpec,
-    key: str,
-    inputs: dict[str, StageOutput],
-    info: TrackingInfo,
-    cfg: PipelineConfig,
-) -> StageRecord:
-    store.sweep_tmp(spec.id, key)
-    tmp = store.begin(spec.id, key)
-    tags = {"stage": spec.kind, "stage_id": spec.id, "cache_key": key, "package_version": package_version(),
-            **tracking.owner_tags(store.work_dir)}
-    t0 = time.monotonic()
-    try:  # whatever fails (the store too, e.g. on a full disk), the temporary output goes
-        with mlflow.start_run(
-            experiment_id=info.experiment_id,
-            run_name=spec.id,
-            nested=True,
-            tags=tags,
-            log_system_metrics=cfg.mlflow.system_metrics,
-        ) as run:
-            info = TrackingInfo(info.tracking_uri, info.experiment_id, run.info.run_id)
-            tracking.log_params(tracking.params_of(spec.section))
-            ups = {u: inputs[u] for u in spec.upstream}
-            mlflow.set_tags({f"input.{u}": f"{o.key} {o.uri}" for u, o in ups.items()})
-            ctx = StageContext(spec.id, tmp, info, key, store.scratch(spec.id, key),
-                               published_uri=store.output(spec.id, key).uri)
-            try:
-                result: StageResult = spec.load()(spec.section, spec.inputs(ups), ctx)
-                seconds = time.monotonic() - t0
-                _log_result(tmp, result, seconds, spec.section)
-                final = store.publish(
-                    tmp,
-                    {
-                        "stage_id": spec.id,
-                        "cache_key": key,
-                        "mlflow_run_id": run.info.run_id,
-                        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                        "seconds": round(seconds, 3),
-                        "package_version": package_version(),
-                        "upstream": {u: o.key for u, o in ups.items()},
-                    },
-                )
-                mlflow.set_tag("output_uri", final.uri)
-            except BaseException as e:
-                store.discard(tmp)  # first: on a full disk this frees what MLflow needs to mark the run
-                if isinstance(e, TrackingServerLost) or tracking.lost_server(e):
-                    tracking.fail_fast()  # marking the runs FAILED cannot reach the server either
-                mlflow.set_tag("error", f"{type(e).__name__}: {e}"[:5000])
-                if not isinstance(e, (KeyboardInterrupt, SystemExit)):
-                    mlflow.log_text(traceback.format_exc(), "error.txt")
-                raise
-    except BaseException:
-        store.discard(tmp)
-        raise
-    if result.summary:
-        _say(f"  [{spec.id}] {result.summary}")
-    return StageRecord(spec.id, spec.kind, key, "ran", seconds, final.uri, run.info.run_id)
-
-
-def _log_result(out: StageOutput, result: StageResult, seconds: float, section: Any) -> None:
-    """The stage's small results: params, metrics, tables, manifest, resolved config, files."""
-    if result.params:
-        tracking.log_params({k: str(v) for k, v in result.params.items()})
-    mlflow.log_metrics({**result.metrics, "stage_seconds": seconds})
-    if result.tags:
-        mlflow.set_tags(result.tags)
-    for name, table in result.tables.items():
-        mlflow.log_table(table, artifact_file=name)
-    # The resolved config travels with every output (STYLE: write it next to every artifact).
-    write_json(out.fs, out.join("config.json"), to_dict(section))
-    files = ["config.json", *result.artifacts]
-    if result.manifest:
-        write_json(out.fs, out.join("manifest.json"), result.manifest)
-        files.append("manifest.json")
-    tracking.log_output_files(out, files)
-
-
 # ------------------------------------------------------------------ ray
+
+
+def _ray_is_up() -> bool:
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
 
 
 def connect_ray(cfg: PipelineConfig) -> bool:

@@ -28,8 +28,33 @@ from pipeline.storage import StageOutput, is_local, read_bytes, resolve_uri
 MAX_PARAM_LEN = 6000
 
 
+#: How long a writer to a SQLite store waits for another one (stages run at once, each in
+#: its own process, and write to one file): SQLite's busy timeout, in seconds.
+SQLITE_BUSY_TIMEOUT_S = 60
+
+
 def tracking_uri(cfg: PipelineConfig) -> str:
-    """MLFLOW_TRACKING_URI wins, then `mlflow.tracking_uri`, then SQLite under work_dir."""
+    """MLFLOW_TRACKING_URI wins, then `mlflow.tracking_uri`, then SQLite under work_dir.
+    A SQLite store gets a busy timeout (`?timeout=`) unless the URI sets one."""
+    return with_busy_timeout(_tracking_uri(cfg))
+
+
+def with_busy_timeout(uri: str) -> str:
+    """sqlite:///f.db -> sqlite:///f.db?timeout=60: concurrent writers wait for each other
+    instead of failing with "database is locked" (SQLite's default: 5 s)."""
+    if uri.startswith("sqlite:") and "timeout=" not in uri:
+        return f"{uri}{'&' if '?' in uri else '?'}timeout={SQLITE_BUSY_TIMEOUT_S}"
+    return uri
+
+
+def sqlite_file(uri: str) -> str | None:
+    """The database file of a sqlite:/// URI (None for other stores)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return uri[len("sqlite:///"):].split("?", 1)[0]
+
+
+def _tracking_uri(cfg: PipelineConfig) -> str:
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         return env
@@ -108,10 +133,10 @@ def setup_experiment(cfg: PipelineConfig, uri: str) -> str:
 @contextmanager
 def _store_lock(uri: str) -> Iterator[None]:
     """An exclusive file lock beside a local SQLite store (none for other stores)."""
-    if not uri.startswith("sqlite:///"):
+    db = sqlite_file(uri)
+    if db is None:
         yield
         return
-    db = uri[len("sqlite:///"):]
     os.makedirs(os.path.dirname(os.path.abspath(db)), exist_ok=True)
     with filelock.FileLock(db + ".lock"):
         yield

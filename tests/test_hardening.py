@@ -87,7 +87,7 @@ def test_two_invocations_at_once_on_a_fresh_work_dir(tmp_path):
     assert stage_runs == ["augment", "shard"]  # each ran once, in one of the two
     assert len([r for r in runs if "stage_id" not in r.data.tags]) == 2  # both parent runs
     assert all(r.info.status == "FINISHED" for r in runs)
-    assert sum("reused  (made by another invocation" in o or "reused  (cache key" in o for o in outs) >= 1
+    assert sum(" reused" in o for o in outs) >= 1  # waited for the other, or found its output
 
 
 def _start_mlflow_server(db: str, port: int):
@@ -200,7 +200,8 @@ def test_a_full_disk_fails_cleanly_and_the_rerun_completes(ray_session, small_di
     assert len(line) == 1 and line[0].startswith("error: no space left on the device") and str(work) in line[0]
     store = Store(str(work))
     assert store.latest("train/A") is None
-    assert not os.listdir(os.path.join(store.stage_root("train/A"), "_tmp"))  # its temporary output removed
+    tmp = os.path.join(store.stage_root("train/A"), "_tmp")  # no temporary output left (the stage
+    assert not os.path.isdir(tmp) or not os.listdir(tmp)  # may have failed before making one)
     ballast.unlink()  # space freed: the same command completes
     assert main(args) == 0 and store.latest("train/A") is not None
 

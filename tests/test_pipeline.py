@@ -98,7 +98,7 @@ def test_unknown_stage_is_an_error(tiny_cfg):
 def test_failed_stage_leaves_nothing_reusable(ray_session, tiny_cfg, monkeypatch):
     import stages.shard
 
-    cfg = tiny_cfg()
+    cfg = tiny_cfg("pipeline.max_parallel_stages=1")  # in this process: the crash is patched in here
 
     def crash(root, out, cfg, log, per_class=None):
         out.fs.create_dir(out.join("train"))

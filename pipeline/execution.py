@@ -1,0 +1,161 @@
+"""One stage, executed: claim its (stage, cache key), reuse what another invocation made
+meanwhile, or run it in a nested MLflow run of the invocation's parent run and publish its
+output atomically. The same function runs in the driver (one stage at a time) or in a
+Ray task (stages at once, `pipeline.scheduler`).
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlflow
+
+from pipeline import tracking
+from pipeline.config import to_dict
+from pipeline.dag import StageSpec, package_version
+from pipeline.errors import TrackingServerLost
+from pipeline.stage import StageContext, StageResult, TrackingInfo
+from pipeline.storage import StageOutput, Store, write_json
+
+
+@dataclass
+class StageRecord:
+    stage_id: str
+    kind: str
+    cache_key: str
+    status: str  # ran | reused | failed | blocked
+    seconds: float = 0.0
+    output_uri: str = ""
+    run_id: str = ""  # the MLflow run that produced the output
+    started: float = 0.0  # wall clock (time.time()) of the stage's start and end
+    ended: float = 0.0
+    note: str = ""  # failed: the error; blocked: the stage that blocked it
+
+
+@dataclass(frozen=True)
+class StageJob:
+    """Everything needed to execute one stage in any process (picklable)."""
+
+    spec: StageSpec
+    key: str
+    #: Completed outputs of its upstream stages, by stage id.
+    inputs: dict[str, StageOutput]
+    work_dir: str
+    #: The tracking store, experiment and the invocation's parent run.
+    parent: TrackingInfo
+    force: bool = False
+    system_metrics: bool = False
+    #: Environment of the MLflow client (bounded HTTP retries), for another process.
+    mlflow_env: dict[str, str] = field(default_factory=dict)
+    #: The invocation's owner tags (its driver's pid and host): if the driver dies, the
+    #: next invocation marks the stage's run KILLED (tracking.mark_stale_runs).
+    owner: dict[str, str] = field(default_factory=dict)
+
+
+def say(msg: str) -> None:
+    import sys
+
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run_stage(job: StageJob, in_task: bool = False) -> StageRecord:
+    """Reuse or execute one stage; -> its record. Raises what the stage raised."""
+    spec, key = job.spec, job.key
+    store = Store(job.work_dir)
+    with ExitStack() as stack:
+        if in_task:  # a Ray worker: point MLflow at the invocation's store, bound its retries
+            stack.enter_context(tracking.using_tracking_uri(job.parent.tracking_uri))
+            stack.enter_context(tracking.environment(job.mlflow_env))
+        if not job.force and store.is_complete(spec.id, key):
+            return reuse(store, spec, key)
+        with store.claim(spec.id, key, lambda who: say(f"  [{spec.id}] waiting: {who} is running it")):
+            if not job.force and store.is_complete(spec.id, key):  # the other invocation made it
+                return reuse(store, spec, key, "made by another invocation")
+            say(f"  [{spec.id}] running (cache key {key})")
+            if job.force:  # a forced re-run starts over: no resuming from old checkpoints
+                store.clear_scratch(spec.id, key)
+            return _execute(store, job)
+
+
+def reuse(store: Store, spec: StageSpec, key: str, note: str = "") -> StageRecord:
+    out = store.output(spec.id, key)
+    now = time.time()
+    return StageRecord(spec.id, spec.kind, key, "reused", 0.0, out.uri, out.marker.get("mlflow_run_id", ""),
+                       now, now, note)
+
+
+def _execute(store: Store, job: StageJob) -> StageRecord:
+    spec, key, parent = job.spec, job.key, job.parent
+    store.sweep_tmp(spec.id, key)
+    tmp = store.begin(spec.id, key)
+    tags = {"stage": spec.kind, "stage_id": spec.id, "cache_key": key, "package_version": package_version(),
+            **(job.owner or tracking.owner_tags(store.work_dir))}
+    started, t0 = time.time(), time.monotonic()
+    try:  # whatever fails (the store too, e.g. on a full disk), the temporary output goes
+        with mlflow.start_run(
+            experiment_id=parent.experiment_id,
+            run_name=spec.id,
+            nested=mlflow.active_run() is not None,
+            parent_run_id=parent.run_id or None,
+            tags=tags,
+            log_system_metrics=job.system_metrics,
+        ) as run:
+            info = TrackingInfo(parent.tracking_uri, parent.experiment_id, run.info.run_id)
+            tracking.log_params(tracking.params_of(spec.section))
+            ups = {u: job.inputs[u] for u in spec.upstream}
+            mlflow.set_tags({f"input.{u}": f"{o.key} {o.uri}" for u, o in ups.items()})
+            ctx = StageContext(spec.id, tmp, info, key, store.scratch(spec.id, key),
+                               published_uri=store.output(spec.id, key).uri)
+            try:
+                result: StageResult = spec.load()(spec.section, spec.inputs(ups), ctx)
+                seconds = time.monotonic() - t0
+                _log_result(tmp, result, seconds, spec.section)
+                final = store.publish(
+                    tmp,
+                    {
+                        "stage_id": spec.id,
+                        "cache_key": key,
+                        "mlflow_run_id": run.info.run_id,
+                        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                        "seconds": round(seconds, 3),
+                        "package_version": package_version(),
+                        "upstream": {u: o.key for u, o in ups.items()},
+                    },
+                )
+                mlflow.set_tag("output_uri", final.uri)
+            except BaseException as e:
+                store.discard(tmp)  # first: on a full disk this frees what MLflow needs to mark the run
+                if isinstance(e, TrackingServerLost) or tracking.lost_server(e):
+                    tracking.fail_fast()  # marking the runs FAILED cannot reach the server either
+                mlflow.set_tag("error", f"{type(e).__name__}: {e}"[:5000])
+                if not isinstance(e, (KeyboardInterrupt, SystemExit)):
+                    mlflow.log_text(traceback.format_exc(), "error.txt")
+                raise
+    except BaseException:
+        store.discard(tmp)
+        raise
+    if result.summary:
+        say(f"  [{spec.id}] {result.summary}")
+    return StageRecord(spec.id, spec.kind, key, "ran", seconds, final.uri, run.info.run_id, started, time.time())
+
+
+def _log_result(out: StageOutput, result: StageResult, seconds: float, section: Any) -> None:
+    """The stage's small results: params, metrics, tables, manifest, resolved config, files."""
+    if result.params:
+        tracking.log_params({k: str(v) for k, v in result.params.items()})
+    mlflow.log_metrics({**result.metrics, "stage_seconds": seconds})
+    if result.tags:
+        mlflow.set_tags(result.tags)
+    for name, table in result.tables.items():
+        mlflow.log_table(table, artifact_file=name)
+    # The resolved config travels with every output (STYLE: write it next to every artifact).
+    write_json(out.fs, out.join("config.json"), to_dict(section))
+    files = ["config.json", *result.artifacts]
+    if result.manifest:
+        write_json(out.fs, out.join("manifest.json"), result.manifest)
+        files.append("manifest.json")
+    tracking.log_output_files(out, files)
