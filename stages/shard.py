@@ -1,6 +1,7 @@
-"""The shard stage: an image folder -> Parquet shards, class index, RGB statistics
-(`vgg.data.sharding`; the folder layouts: `vgg.data.folders`). Without `data.root`, a
-small synthetic dataset is generated inside the output first (`vgg.data.demo`).
+"""The shard stage: a dataset -> Parquet shards, class index, RGB statistics
+(`vgg.data.sharding`). `data.layout`: an image folder (`vgg.data.folders`), or ILSVRC-2012
+as its official archives or the Kaggle copy (`vgg.data.imagenet`). Without `data.root`,
+a small synthetic dataset is generated inside the output first (`vgg.data.demo`).
 
 Output (`vgg.artifacts.Shards`): train/ and val/ Parquet shards, classes.json,
 stats.json, skipped.csv and converted.csv (every file left out or converted, with
@@ -15,14 +16,15 @@ from pipeline.dag import ShardInputs, ShardSection
 from pipeline.stage import StageContext, StageResult
 from vgg.artifacts import Shards, shard_files_to_log
 from vgg.data import demo
-from vgg.data.folders import list_image_folder
+from vgg.data.folders import list_dataset
 from vgg.data.sharding import shard
 
 
 def check(config: ShardSection) -> None:
-    """Preflight (before MLflow and Ray start): the image folder's layout, if one is given."""
+    """Preflight (before MLflow and Ray start): the dataset's layout (`data.layout`), if a
+    dataset is given."""
     if config.data.root is not None:
-        list_image_folder(config.data.root)
+        list_dataset(config.data.root, config.data.layout)
 
 
 def run(config: ShardSection, inputs: ShardInputs, ctx: StageContext) -> StageResult:
@@ -33,7 +35,7 @@ def run(config: ShardSection, inputs: ShardInputs, ctx: StageContext) -> StageRe
         n = demo.generate(ctx.out.fs, ctx.out.join("demo_data"), data.demo)
         ctx.log(f"generated the demo dataset: {n} images in {root}")
     m = shard(root, ctx.out, config.shard, log=ctx.log,
-              per_class={"train": data.train_per_class, "val": data.val_per_class})
+              per_class={"train": data.train_per_class, "val": data.val_per_class}, layout=data.layout)
     if data.root is None:
         m["root"] = "demo_data/ (generated inside this output)"
     splits = m["splits"]

@@ -100,7 +100,7 @@ def test_failed_stage_leaves_nothing_reusable(ray_session, tiny_cfg, monkeypatch
 
     cfg = tiny_cfg("pipeline.max_parallel_stages=1")  # in this process: the crash is patched in here
 
-    def crash(root, out, cfg, log, per_class=None):
+    def crash(root, out, cfg, log, per_class=None, **options):  # options: e.g. the folder layout
         out.fs.create_dir(out.join("train"))
         with out.fs.open_output_stream(out.join("train", "half.parquet")) as f:
             f.write(b"partial")

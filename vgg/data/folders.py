@@ -1,4 +1,5 @@
-"""Listing an image folder: `<root>/train/<class>/*` and `<root>/val/<class>/*` (or `test/`).
+"""Listing an image folder: `<root>/train/<class>/*` and `<root>/val/<class>/*` (or `test/`);
+`list_dataset` dispatches on `data.layout` (ImageNet's layouts: `vgg.data.imagenet`).
 
 The listing checks the layout (a `DatasetError` naming the path) and leaves nothing
 out silently: every entry it skips is returned with the reason (the shard stage
@@ -17,6 +18,8 @@ from pipeline.errors import UserError
 from pipeline.storage import exists, is_local, resolve_uri
 
 VAL_DIRS = ("val", "test")  # accepted names of the validation split
+#: Values of `data.layout`: an image folder, the official ILSVRC-2012 archives, the Kaggle copy.
+LAYOUTS = ("folders", "ilsvrc2012", "kaggle")
 
 
 class DatasetError(UserError, ValueError):
@@ -33,6 +36,8 @@ class Listing:
     #: (key, reason) of every entry left out: files outside a class folder, folders inside
     #: one, names that are not UTF-8, broken links and link loops (all go to skipped.csv)
     skipped: list[tuple[str, str]]
+    #: class name -> human-readable words (ImageNet: "tench, Tinca tinca"), or None
+    class_words: dict[str, str] | None = None
 
 
 LINK_PROBLEM = "broken symbolic link or link loop"
@@ -127,3 +132,17 @@ def list_image_folder(root: str) -> Listing:
             skipped += [(key(n), why) for n, why in inside.problems]
         files[split] = sorted(rows)
     return Listing(classes, files, sorted(skipped))
+
+
+def list_dataset(root: str, layout: str = "folders") -> Listing:
+    """List the dataset at `root` in the given layout (`data.layout`, see LAYOUTS);
+    raises DatasetError naming the file."""
+    if layout == "folders":
+        return list_image_folder(root)
+    from vgg.data import imagenet  # imports this module
+
+    if layout == "ilsvrc2012":
+        return imagenet.list_ilsvrc2012(root)
+    if layout == "kaggle":
+        return imagenet.list_kaggle(root)
+    raise DatasetError(f"data.layout: must be one of {list(LAYOUTS)}, got {layout!r}")
