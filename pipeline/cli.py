@@ -21,6 +21,7 @@ stage ids:
   train/<net>      Ray Train (DDP) training of one net of the config's plan
   evaluate/<net>   dense / multi-crop / multi-scale evaluation of one trained net
   fuse             softmax fusion of chosen (net, mode) members
+  report           the paper's Tables 3-6 with intervals, and its claims judged, from the saved posteriors
   (`--list` shows the stages of a config and whether each is done, stale or missing)
 
 config keys (YAML, typed; every key can be overridden with --set dotted.key=value):
