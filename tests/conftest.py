@@ -21,6 +21,19 @@ TINY = [
 ]
 
 
+#: Python source that starts a simulated two-node Ray cluster (1 CPU per node, every node on
+#: 127.0.0.1) and connects to it; for test scripts run in a subprocess (one cluster per process).
+TWO_NODE_CLUSTER = """
+import os
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # bind every node to 127.0.0.1
+from ray._private import ray_constants
+ray_constants.ENABLE_RAY_CLUSTER = False
+from ray.cluster_utils import Cluster
+cluster = Cluster(initialize_head=True, connect=True, head_node_args={"num_cpus": 1})
+cluster.add_node(num_cpus=1)
+"""
+
+
 @pytest.fixture(autouse=True)
 def _no_env_tracking(monkeypatch):
     """Tests use their own SQLite stores; a user's MLFLOW_TRACKING_URI / RAY_ADDRESS must not leak in."""

@@ -17,7 +17,7 @@ from pipeline.dag import build_dag
 from pipeline.runner import run_pipeline
 from pipeline.scheduler import critical_path
 from stages.train import TrainingDiverged
-from tests.conftest import DEMO, ROOT
+from tests.conftest import DEMO, ROOT, TWO_NODE_CLUSTER
 from tests.test_e2e import E2E
 
 A = "{arch: A, scale: 40, lr: 0.005, init: glorot}"
@@ -75,13 +75,7 @@ def test_a_failed_stage_blocks_only_its_downstream(ray_session, tmp_path, capsys
 TWO_NODES = """
 import json, os, sys
 sys.path.insert(0, sys.argv[1])
-os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # bind every node to 127.0.0.1
-from ray._private import ray_constants
-ray_constants.ENABLE_RAY_CLUSTER = False
-from ray.cluster_utils import Cluster
-cluster = Cluster(initialize_head=True, connect=True, head_node_args={"num_cpus": 1})
-cluster.add_node(num_cpus=1)
-from pipeline.config import load_config
+""" + TWO_NODE_CLUSTER + """from pipeline.config import load_config
 from pipeline.runner import run_pipeline
 out = {}
 try:

@@ -24,7 +24,7 @@ from pipeline.dag import TrainInputs, TrainSection
 from pipeline.stage import StageContext, TrackingInfo
 from pipeline.storage import StageOutput, Store, write_json
 from stages import train as T
-from tests.conftest import ROOT
+from tests.conftest import ROOT, TWO_NODE_CLUSTER
 from tests.faults import HangAfterEpoch, KillAt, RecordRows
 from vgg.artifacts import Augmentation, Shards, TrainedNet, write_augmentation
 from vgg.data import demo as demo_data
@@ -381,13 +381,7 @@ def _same_but_timing(h: dict, ref_ctx: Job) -> bool:
 TWO_NODES = """
 import os, pickle, sys
 sys.path.insert(0, sys.argv[2])
-os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # bind every node to 127.0.0.1
-from ray._private import ray_constants
-ray_constants.ENABLE_RAY_CLUSTER = False
-from ray.cluster_utils import Cluster
-cluster = Cluster(initialize_head=True, connect=True, head_node_args={"num_cpus": 1})
-cluster.add_node(num_cpus=1)
-from pipeline.runner import check_shared_work_dir
+""" + TWO_NODE_CLUSTER + """from pipeline.runner import check_shared_work_dir
 assert check_shared_work_dir(sys.argv[3]) == 2  # both nodes see the (same machine's) work_dir
 from stages.train import run
 try:
