@@ -11,6 +11,7 @@ import time
 import traceback
 from pathlib import Path
 
+from pipeline import console
 from pipeline.config import DEFAULT_CONFIG, load_config
 from pipeline.errors import UserError
 
@@ -72,8 +73,10 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--list", action="store_true", help="print the DAG with each stage's state and exit")
     p.add_argument("--verbose", action="store_true",
-                   help="print the traceback of an expected error (config, dataset, diverged training, "
-                        "server, disk) on the console too")
+                   help="show Ray's and MLflow's own log lines too (Ray Data progress, Ray Train's "
+                        "controller, ...; hidden by default, kept in Ray's session logs, whose "
+                        "directory the run names), and print the traceback of an expected error "
+                        "(config, dataset, diverged training, server, disk) on the console")
     return p
 
 
@@ -165,6 +168,7 @@ def _save_traceback(e: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    console.configure(args.verbose)  # before MLflow and Ray start
     from pipeline.runner import run_pipeline
 
     cfg = None

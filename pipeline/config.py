@@ -40,8 +40,14 @@ class MlflowConfig:
     #: Tracking URI. Default: sqlite:///<work_dir>/mlflow.db. The environment
     #: variable MLFLOW_TRACKING_URI wins over this value, as in MLflow itself.
     tracking_uri: str | None = None
-    #: Log CPU/GPU/memory system metrics (psutil) in every stage run.
-    system_metrics: bool = False
+    #: System metrics (CPU, memory, disk, network; GPU utilisation and memory where there
+    #: is one) of train and evaluate stages, sampled on the nodes their workers run on.
+    system_metrics: bool = True
+    #: Seconds between system-metric samples.
+    system_metrics_interval_s: float = 5.0
+    #: The model-registry name of each run's best single net (alias `champion` = the best
+    #: so far on the same validation data). None: "<experiment>-best-net".
+    registered_model: str | None = None
     #: How long one MLflow call to a tracking server may take, retries included, before
     #: the stage fails naming the server (training goes on meanwhile; nothing is lost:
     #: the rerun resumes and logs what could not be logged).
@@ -204,7 +210,8 @@ class TrainConfig:
     #: default and not worth it on a CPU). Checkpoints load either way.
     compile: bool = False
     seed: int = 0
-    #: Log a progress line every this many steps.
+    #: Step metrics (step_loss, step_lr, step_images_per_s; step = the global step) into
+    #: MLflow every this many steps; 0: none. (Progress lines come every 10 s regardless.)
     log_every: int = 50
     #: The plan: net name -> NetPlan. Stage ids are train/<name>.
     nets: dict[str, NetPlan] = field(default_factory=dict)
@@ -323,6 +330,10 @@ def validate(cfg: PipelineConfig) -> None:
     n = cfg.pipeline.max_parallel_stages
     _check(n is None or n >= 1, "pipeline.max_parallel_stages", f"must be >= 1 (or null: no limit), got {n}")
     _check(cfg.mlflow.retry_s >= 5, "mlflow.retry_s", f"must be >= 5 seconds, got {cfg.mlflow.retry_s}")
+    _check(cfg.mlflow.system_metrics_interval_s >= 1, "mlflow.system_metrics_interval_s",
+           f"must be >= 1 second, got {cfg.mlflow.system_metrics_interval_s}")
+    _check(cfg.mlflow.registered_model is None or bool(cfg.mlflow.registered_model.strip()),
+           "mlflow.registered_model", "must be a non-empty name, or null for <experiment>-best-net")
     d = cfg.data.demo
     _check(d.num_classes >= 2, "data.demo.num_classes", f"must be >= 2, got {d.num_classes}")
     _check(d.train_per_class >= 1, "data.demo.train_per_class", "must be >= 1")
@@ -377,7 +388,7 @@ def _validate_train(cfg: PipelineConfig) -> None:
     _check(t.init_std > 0, "train.init_std", f"must be > 0, got {t.init_std}")
     _check(t.cpus_per_worker > 0, "train.cpus_per_worker", f"must be > 0, got {t.cpus_per_worker}")
     _check(t.lr_threshold >= 0, "train.lr_threshold", f"must be >= 0, got {t.lr_threshold}")
-    _check(t.log_every >= 0, "train.log_every", f"must be >= 0 (0: no step lines), got {t.log_every}")
+    _check(t.log_every >= 0, "train.log_every", f"must be >= 0 (0: no step metrics), got {t.log_every}")
     _check(0 < t.lr_factor < 1, "train.lr_factor", "must be in (0, 1)")
     _check(t.max_lr_drops >= 0 and t.lr_patience >= 1, "train.lr_patience", "must be >= 1 (and max_lr_drops >= 0)")
     _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")

@@ -20,6 +20,7 @@ from pipeline.dag import StageSpec, package_version
 from pipeline.errors import TrackingServerLost
 from pipeline.stage import StageContext, StageResult, TrackingInfo
 from pipeline.storage import StageOutput, Store, write_json
+from pipeline.system_metrics import SystemMetrics
 
 
 @dataclass
@@ -48,7 +49,8 @@ class StageJob:
     #: The tracking store, experiment and the invocation's parent run.
     parent: TrackingInfo
     force: bool = False
-    system_metrics: bool = False
+    #: Seconds between system-metric samples on the stage's worker nodes (None: off).
+    system_metrics_s: float | None = None
     #: Environment of the MLflow client (bounded HTTP retries), for another process.
     mlflow_env: dict[str, str] = field(default_factory=dict)
     #: The invocation's owner tags (its driver's pid and host): if the driver dies, the
@@ -102,18 +104,19 @@ def _execute(store: Store, job: StageJob) -> StageRecord:
             nested=mlflow.active_run() is not None,
             parent_run_id=parent.run_id or None,
             tags=tags,
-            log_system_metrics=job.system_metrics,
         ) as run:
             info = TrackingInfo(parent.tracking_uri, parent.experiment_id, run.info.run_id)
             tracking.log_params(tracking.params_of(spec.section))
             ups = {u: job.inputs[u] for u in spec.upstream}
             mlflow.set_tags({f"input.{u}": f"{o.key} {o.uri}" for u, o in ups.items()})
+            sampling = (SystemMetrics(parent.tracking_uri, run.info.run_id, job.system_metrics_s)
+                        if job.system_metrics_s else None)
             ctx = StageContext(spec.id, tmp, info, key, store.scratch(spec.id, key),
-                               published_uri=store.output(spec.id, key).uri)
+                               published_uri=store.output(spec.id, key).uri, system_metrics=sampling)
             try:
                 result: StageResult = spec.load()(spec.section, spec.inputs(ups), ctx)
                 seconds = time.monotonic() - t0
-                _log_result(tmp, result, seconds, spec.section)
+                model_id = _log_result(tmp, result, seconds, spec.section)
                 final = store.publish(
                     tmp,
                     {
@@ -124,6 +127,7 @@ def _execute(store: Store, job: StageJob) -> StageRecord:
                         "seconds": round(seconds, 3),
                         "package_version": package_version(),
                         "upstream": {u: o.key for u, o in ups.items()},
+                        **({"mlflow_model_id": model_id} if model_id else {}),
                     },
                 )
                 mlflow.set_tag("output_uri", final.uri)
@@ -143,8 +147,15 @@ def _execute(store: Store, job: StageJob) -> StageRecord:
     return StageRecord(spec.id, spec.kind, key, "ran", seconds, final.uri, run.info.run_id, started, time.time())
 
 
-def _log_result(out: StageOutput, result: StageResult, seconds: float, section: Any) -> None:
-    """The stage's small results: params, metrics, tables, manifest, resolved config, files."""
+def _log_result(out: StageOutput, result: StageResult, seconds: float, section: Any) -> str | None:
+    """The stage's small results: params, metrics, tables, manifest, resolved config, files;
+    its input datasets and its net as an MLflow model. -> the logged model's id, if any."""
+    datasets = tracking.log_datasets(result.datasets)
+    model_id = None
+    if result.model is not None:
+        on = next((d for d, ref in zip(datasets, result.datasets) if ref is result.model.dataset), None)
+        model_id = tracking.log_net(result.model, on)
+        mlflow.set_tag("model_id", model_id)
     if result.params:
         tracking.log_params({k: str(v) for k, v in result.params.items()})
     mlflow.log_metrics({**result.metrics, "stage_seconds": seconds})
@@ -159,3 +170,4 @@ def _log_result(out: StageOutput, result: StageResult, seconds: float, section: 
         write_json(out.fs, out.join("manifest.json"), result.manifest)
         files.append("manifest.json")
     tracking.log_output_files(out, files)
+    return model_id

@@ -13,6 +13,7 @@ import tempfile
 from dataclasses import dataclass, field
 
 import mlflow
+from mlflow.exceptions import MlflowException
 
 from pipeline import tracking
 from pipeline.config import PipelineConfig, to_dict
@@ -22,7 +23,7 @@ from pipeline.execution import StageJob, StageRecord
 from pipeline.scheduler import schedule, timeline_png, with_times
 from pipeline.stage import TrackingInfo
 from pipeline.storage import StageOutput, Store, is_local, resolve_uri
-from vgg.artifacts import MARKDOWN_FILE, PLOT_FILE, TABLES_DIR, Report
+from vgg.artifacts import MARKDOWN_FILE, PLOT_FILE, TABLES_DIR, Fusion, Report
 
 
 class PipelineError(UserError, RuntimeError):
@@ -196,7 +197,8 @@ def _run(
 
         def job(sid: str) -> StageJob:
             ups = {u: outputs[u] for u in dag[sid].upstream}
-            return StageJob(dag[sid], keys[sid], ups, cfg.work_dir, info, force, cfg.mlflow.system_metrics,
+            return StageJob(dag[sid], keys[sid], ups, cfg.work_dir, info, force,
+                            cfg.mlflow.system_metrics_interval_s if cfg.mlflow.system_metrics else None,
                             mlflow_env, tracking.owner_tags(store.work_dir))
 
         def done(sid: str) -> None:
@@ -208,6 +210,7 @@ def _run(
             run.records = outcome.records
             if "report" in selected and run.status_of("report") in ("ran", "reused"):
                 _log_report(outputs["report"])
+                _register_best(cfg, dag, outputs, uri)
         finally:
             try:
                 _log_parent_end(run)
@@ -269,6 +272,33 @@ def _log_report(output: StageOutput) -> None:
     print("\n" + markdown, flush=True)
 
 
+def _register_best(cfg: PipelineConfig, dag: dict[str, StageSpec], outputs: dict[str, StageOutput],
+                   uri: str) -> None:
+    """The best single net of the report into the model registry (`pipeline.registry`);
+    the outcome as tags of the parent run and one console line."""
+    from pipeline import registry
+
+    fuse = next((sid for sid, s in dag.items() if s.kind == "fuse" and sid in outputs), None)
+    name = registry.model_name(cfg.experiment, cfg.mlflow.registered_model)
+    try:
+        done = registry.register_best(mlflow.tracking.MlflowClient(uri), name,
+                                      registry.candidates(dag, outputs, _say),
+                                      Fusion(outputs[fuse]) if fuse else None)
+    except MlflowException as e:  # e.g. a server whose user may not write the registry
+        if tracking.lost_server(e):
+            raise
+        # every stage is published: the run's results stand; say what was not registered
+        mlflow.set_tag("registry.error", str(e)[:5000])
+        _say(f"WARNING: the best net was not registered in the model registry ({e}); "
+             f"results are complete. Fix the cause and re-run `--stage report` to register it")
+        return
+    if done is None:
+        return
+    mlflow.set_tags({"registry.model": done.name, "registry.version": done.version,
+                     "registry.champion": done.champion, "registry.decision": done.reason})
+    _say(f"registered {done.name} v{done.version}; champion: v{done.champion} ({done.reason})")
+
+
 # ------------------------------------------------------------------ ray
 
 
@@ -280,16 +310,21 @@ def connect_ray(cfg: PipelineConfig) -> bool:
     """Join the configured cluster, or start a private local one. -> whether we connected."""
     import ray
 
+    from pipeline import console
+
     if ray.is_initialized():
         return False
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    console_args = console.prepare_ray()  # Ray's own lines on the console only with --verbose
     if address:
         _say(f"Connecting to Ray at {address}")
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, **console_args)
+        console.ray_connected()
         check_shared_work_dir(cfg.work_dir)
     else:
         _say(f"Starting a local Ray instance on {cfg.ray.node_ip_address}")
-        start_local_ray(cfg.ray.num_cpus, cfg.ray.node_ip_address)
+        start_local_ray(cfg.ray.num_cpus, cfg.ray.node_ip_address, **console_args)
+        console.ray_connected()
     return True
 
 

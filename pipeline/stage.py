@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.storage import StageOutput
+from pipeline.system_metrics import SystemMetrics
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,8 @@ class StageContext:
     #: Where `out` will be once published (<work_dir>/stages/<id>/<key>): the URI to
     #: record in manifests ("" when not run by the runner: then `out.uri`).
     published_uri: str = ""
+    #: Where the stage's workers sample their nodes' system metrics (None: off).
+    system_metrics: SystemMetrics | None = None
 
     def final_uri(self, *parts: str) -> str:
         """URI of a file of the output as it will be after publishing."""
@@ -51,6 +54,22 @@ class StageContext:
     def log(self, msg: str) -> None:
         """One progress line, prefixed with the stage id."""
         print(f"  [{self.stage_id}] {msg}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class NetToLog:
+    """A trained net the runner logs as an MLflow model (`mlflow.pytorch.log_model`)."""
+
+    net: Any  # the torch module, pickled whole: `mlflow.pytorch.load_model` gives it back
+    #: (N, 3, crop, crop) float32 images: the model's input example and signature.
+    input_example: Any
+    #: Its validation results, linked to the logged model (and to `dataset`).
+    metrics: dict[str, float] = field(default_factory=dict)
+    #: The config that made it (flattened into the model's params).
+    config: dict[str, Any] = field(default_factory=dict)
+    #: The dataset `metrics` were measured on.
+    dataset: Any = None  # vgg.artifacts.DatasetRef
+    step: int = 0  # the selected epoch
 
 
 @dataclass
@@ -69,25 +88,57 @@ class StageResult:
     tags: dict[str, str] = field(default_factory=dict)
     #: One line for the console.
     summary: str = ""
+    #: The datasets the stage read (`vgg.artifacts.DatasetRef`: MLflow's run inputs).
+    datasets: list[Any] = field(default_factory=list)
+    #: A net to log as an MLflow model (train stages).
+    model: NetToLog | None = None
 
 
 class Progress:
-    """A periodic 'done/total' line for long loops (at most one line every `every_s`)."""
+    """A progress bar for long loops, as lines: `[train/A] epoch 2/10 [######----------]
+    40% 80/200 steps 2.1/s 0:38 elapsed ETA 0:57 | loss 1.93`.
 
-    def __init__(self, ctx_or_name: StageContext | str, what: str, total: int | None, every_s: float = 10.0):
+    One line at most every `every_s` seconds and one at the end, never carriage returns:
+    the lines travel through Ray's log forwarding and `ray submit`'s non-TTY output, where
+    a redrawn bar (tqdm's) would come out as a run-on line or as hundreds of lines.
+    `active=False` (the other ranks) prints nothing.
+    """
+
+    WIDTH = 20
+
+    def __init__(self, ctx_or_name: StageContext | str, what: str, total: int | None, every_s: float = 10.0,
+                 unit: str = "", active: bool = True):
         self.name = ctx_or_name.stage_id if isinstance(ctx_or_name, StageContext) else ctx_or_name
-        self.what, self.total, self.every_s = what, total, every_s
+        self.what, self.total, self.every_s, self.unit, self.active = what, total, every_s, unit, active
         self.done = 0
         self.t0 = self.last = time.monotonic()
 
-    def update(self, n: int = 1) -> None:
+    def update(self, n: int = 1, note: str = "") -> None:
         self.done += n
         now = time.monotonic()
-        if now - self.last >= self.every_s or (self.total is not None and self.done >= self.total):
+        finished = self.total is not None and self.done >= self.total
+        if self.active and (now - self.last >= self.every_s or finished):
             self.last = now
-            self._print(now)
+            # not print(): inside a Ray Train worker its print patch would echo the line twice
+            sys.stderr.write(f"  [{self.name}] {self.line(now - self.t0, note)}\n")
+            sys.stderr.flush()
 
-    def _print(self, now: float) -> None:
-        rate = self.done / max(now - self.t0, 1e-9)
-        of = f"/{self.total}" if self.total is not None else ""
-        print(f"  [{self.name}] {self.what}: {self.done}{of} ({rate:.1f}/s)", file=sys.stderr, flush=True)
+    def line(self, elapsed: float, note: str = "") -> str:
+        rate = self.done / max(elapsed, 1e-9)
+        unit = f" {self.unit}" if self.unit else ""
+        if not self.total:
+            text = f"{self.what}: {self.done}{unit} {rate:.1f}/s {_clock(elapsed)} elapsed"
+        else:
+            frac = min(self.done / self.total, 1.0)
+            bar = "#" * round(frac * self.WIDTH) + "-" * (self.WIDTH - round(frac * self.WIDTH))
+            eta = _clock((self.total - self.done) / rate) if rate > 0 else "?"
+            text = (f"{self.what} [{bar}] {frac:4.0%} {self.done}/{self.total}{unit} {rate:.1f}/s "
+                    f"{_clock(elapsed)} elapsed ETA {eta}")
+        return f"{text} | {note}" if note else text
+
+
+def _clock(seconds: float) -> str:
+    """h:mm:ss or m:ss."""
+    s = int(round(max(seconds, 0)))
+    h, m = divmod(s // 60, 60)
+    return f"{h}:{m:02d}:{s % 60:02d}" if h else f"{m}:{s % 60:02d}"

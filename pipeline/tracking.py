@@ -9,6 +9,7 @@ before any worker starts, and everything else passes `experiment_id`.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import posixpath
 import socket
@@ -19,6 +20,7 @@ from typing import Any, Iterator
 
 import filelock
 import mlflow
+from mlflow.data.meta_dataset import MetaDataset
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import PipelineConfig, flatten, to_dict
@@ -154,7 +156,17 @@ def _setup_experiment(cfg: PipelineConfig, uri: str) -> str:
         )
     else:
         exp_id = exp.experiment_id
+    if exp is None or EXPERIMENT_KIND_TAG not in exp.tags:
+        # MLflow 3's UI opens an experiment by its kind: without it, on the GenAI overview
+        # (traces); the experiment-kind selector in the UI writes this same tag (a kind the
+        # user chose there is kept).
+        client.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
     return exp_id
+
+
+#: The experiment tag that MLflow 3's UI reads to open an experiment on its runs table
+#: ("Model training") rather than on the GenAI overview.
+EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 
 
 #: Retries of one MLflow HTTP call, and the backoff factor (waits 1, 2, 4 s between them).
@@ -271,3 +283,107 @@ def _subdir(name: str, artifact_path: str | None) -> str | None:
     parent = posixpath.dirname(name)
     parts = [p for p in (artifact_path, parent) if p]
     return "/".join(parts) or None
+
+
+# ------------------------------------------------------------------ datasets and models
+#: Arrow type -> MLflow column type (mlflow.types.DataType) for dataset schemas.
+_MLFLOW_TYPES = {"binary": "binary", "large_binary": "binary", "string": "string", "large_string": "string",
+                 "int64": "long", "int32": "integer", "int16": "integer", "int8": "integer",
+                 "uint8": "integer", "uint16": "integer", "uint32": "long", "double": "double",
+                 "float": "float", "bool": "boolean"}
+
+
+def log_datasets(refs: list[Any]) -> list[Any]:
+    """Record the shard splits a stage read as the run's inputs (`mlflow.log_input`): the
+    runs table's Dataset column. -> the MLflow datasets, by ref order."""
+    return [_log_dataset(ref) for ref in refs]
+
+
+class ShardSplit(MetaDataset):
+    """A split of a shard output for MLflow: name, digest (the shard stage's cache key),
+    source (its URI), schema, and its row count as the profile (MetaDataset has none)."""
+
+    def __init__(self, source: Any, name: str, digest: str, schema: Any, rows: int):
+        super().__init__(source, name=name, digest=digest, schema=schema)
+        self.rows = rows
+
+    @property
+    def profile(self) -> dict[str, Any]:
+        return {"num_rows": self.rows}
+
+    def to_dict(self) -> dict[str, str]:
+        return {**super().to_dict(), "profile": json.dumps(self.profile)}
+
+
+def _log_dataset(ref: Any) -> ShardSplit:
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.sources import LocalArtifactDatasetSource
+    from mlflow.types import ColSpec, Schema
+
+    schema = Schema([ColSpec(_MLFLOW_TYPES[t], name) for name, t in ref.columns.items() if t in _MLFLOW_TYPES])
+    if "://" in ref.uri and not ref.uri.startswith("file://"):
+        source = resolve_dataset_source(ref.uri)  # s3://, gs://, ... (MLflow's artifact sources)
+    else:
+        source = LocalArtifactDatasetSource(ref.uri if "://" in ref.uri else "file://" + os.path.abspath(ref.uri))
+    dataset = ShardSplit(source, ref.name, ref.digest, schema if schema.inputs else None, ref.rows)
+    mlflow.log_input(dataset, context=ref.context)
+    return dataset
+
+
+def requirements() -> list[str]:
+    """The pip requirements of a logged net: this package's dependencies, with torch and
+    torchvision pinned to the versions that pickled it."""
+    from importlib import metadata
+
+    import torch
+    import torchvision
+
+    pinned = {"torch": torch.__version__.split("+")[0], "torchvision": torchvision.__version__.split("+")[0]}
+    out = [f"{k}=={v}" for k, v in pinned.items()]
+    for req in metadata.requires("vgg-pipeline") or []:
+        name = req.split(";")[0].strip()
+        base = name.split("[")[0].split(">")[0].split("=")[0].split("<")[0].strip()
+        if "extra ==" in req or base in pinned:
+            continue
+        out.append(name)
+    return out
+
+
+def log_net(model: Any, dataset: Any | None) -> str:
+    """Log a trained net as an MLflow 3 logged model ("model"): the whole module pickled
+    (with the `vgg` package as its code, so `mlflow.pytorch.load_model` needs no install),
+    a tensor signature, an input example, the config as params, this package's requirements;
+    its validation metrics are linked to it. -> the model id."""
+    import mlflow.pytorch
+    import numpy as np
+    import torch
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    import vgg
+
+    net, example = model.net.eval(), np.asarray(model.input_example, dtype=np.float32)
+    with torch.no_grad():
+        classes = int(net(torch.from_numpy(example)).shape[1])
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *example.shape[1:]))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, classes))]))
+    params = params_of(model.config)
+    # MLflow warns that pickled models run code when loaded: this pipeline's own nets, and
+    # the pickle is what gives back the module with its dense evaluation (net.dense).
+    quiet = logging.getLogger("mlflow.pytorch")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        info = mlflow.pytorch.log_model(
+            net, name="model", signature=signature, input_example=example,
+            pip_requirements=requirements(), code_paths=[os.path.dirname(vgg.__file__)],
+            params=params, step=model.step,
+            # the module itself (dense evaluation calls net.dense), not MLflow 3's default
+            # torch.export program of its forward
+            serialization_format="pickle")
+    finally:
+        quiet.setLevel(level)
+    if model.metrics:
+        mlflow.log_metrics(model.metrics, step=model.step, model_id=info.model_id, dataset=dataset)
+    return info.model_id

@@ -13,7 +13,7 @@ import time
 
 from pipeline.dag import EvaluateInputs, EvaluateSection
 from pipeline.stage import StageContext, StageResult
-from vgg.artifacts import write_evaluation
+from vgg.artifacts import split_dataset, write_evaluation
 from vgg.evaluation.shares import (ShareJob, combine_modes, error_table, eval_rows, gather, per_q_table, q_sets,
                                    run_shares, throughput)
 from vgg.data.shards import num_rows
@@ -40,7 +40,7 @@ def run(config: EvaluateSection, inputs: EvaluateInputs, ctx: StageContext) -> S
     job = ShareJob(model_uri, val, spec.to_dict(), all_q, tuple(classes), cfg.grid, cfg.flips,
                    cfg.batch_size, use_gpu=cfg.use_gpu, threads=max(1, int(cfg.cpus_per_worker)),
                    name=ctx.stage_id, pool_rounding=cfg.pool_rounding, bf16=cfg.bf16,
-                   channels_last=cfg.channels_last, compile=cfg.compile)
+                   channels_last=cfg.channels_last, compile=cfg.compile, system_metrics=ctx.system_metrics)
     t0 = time.monotonic()
     results = run_shares(job, workers, cfg.cpus_per_worker, log=ctx.log)
     wall = time.monotonic() - t0
@@ -71,6 +71,7 @@ def run(config: EvaluateSection, inputs: EvaluateInputs, ctx: StageContext) -> S
         manifest={"modes": list(MODES), "posteriors": dict(zip(MODES, posteriors)),
                   "images": n_val, "classes": classes, "q_single": q_single, "q_multi": q_multi,
                   "workers": workers, "model_uri": model_uri, "health": dataclasses.asdict(h)},
+        datasets=[split_dataset(inputs.shards, "val", "evaluation")],
         summary=(f"{n_val} images; best {best.mode}: top-1 {best.top1:.1f}%"
                  + (f", top-5 {best.top5:.1f}%" if best.top5 is not None else "")
                  + f"; dense {metrics['dense_images_per_s']:.1f} images/s, multi-crop "

@@ -17,13 +17,14 @@ import time
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 
 from pipeline.config import NetPlan, to_dict
 from pipeline.dag import TrainInputs, TrainSection
 from pipeline.errors import TrackingServerLost, UserError
-from pipeline.stage import StageContext, StageResult
+from pipeline.stage import NetToLog, StageContext, StageResult
 from pipeline.storage import write_bytes, write_json
-from vgg.artifacts import HISTORY_FILE, INIT_FILE, MODEL_FILE
+from vgg.artifacts import HISTORY_FILE, INIT_FILE, MODEL_FILE, DatasetRef, split_dataset
 from vgg.models import VGG
 from vgg.results.metrics import Health
 from vgg.training.checkpoints import import_weights, initial_model, save_model, write_init_weights
@@ -31,7 +32,6 @@ from vgg.training.curves import plot_curves
 from vgg.training.worker import (OUTCOME_FILE, RUN_NAME, TrainCallback, WorkerPlan, best_and_last,
                                  has_checkpoint, read_outcome, trainer)
 
-ARTIFACT_LIMIT = 50 * 2**20  # model.pt is an MLflow artifact only below this size
 CURVES_FILE = "learning_curves.png"
 
 
@@ -45,8 +45,10 @@ def run(config: TrainSection, inputs: TrainInputs, ctx: StageContext,
     t, net_plan = config.train, config.net
     classes = inputs.shards.classes()
     spec = inputs.augmentation.spec()
+    datasets = [split_dataset(inputs.shards, "train", "training"),
+                split_dataset(inputs.shards, "val", "validation")]
     if net_plan.weights is not None:
-        return _run_import(config, ctx, classes, spec.crop)
+        return _run_import(config, ctx, classes, spec.crop, datasets)
     net, init = initial_model(t, net_plan, len(classes), spec.crop, inputs.init)
     write_json(ctx.out.fs, ctx.out.join(INIT_FILE), init)
     epochs = net_plan.epochs if net_plan.epochs is not None else t.max_epochs
@@ -56,12 +58,12 @@ def run(config: TrainSection, inputs: TrainInputs, ctx: StageContext,
     if epochs == 0:  # nothing to train: the initial weights are the result
         meta = _meta(config, classes, epoch=None, errs=(None, None), origin="initial")
         return _finish(ctx, net, meta, {"epochs": [], "lr_drops": [], "resumes": []}, params,
-                       "0 epochs: wrote the initial weights")
+                       "0 epochs: wrote the initial weights", datasets)
     plan = WorkerPlan(ctx.stage_id, config, inputs.shards.uri, spec.to_dict(), len(classes),
                       write_init_weights(ctx.scratch, net), epochs, ctx.tracking.tracking_uri,
                       ctx.tracking.run_id, tuple(callbacks),
                       {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_HTTP_")},
-                      posixpath.join(ctx.scratch.uri, OUTCOME_FILE))
+                      posixpath.join(ctx.scratch.uri, OUTCOME_FILE), ctx.system_metrics)
     read_outcome(plan.outcome_uri)  # an earlier attempt's
     resuming = has_checkpoint(ctx.scratch)
     result = trainer(plan, ctx.scratch).fit()
@@ -86,7 +88,7 @@ def run(config: TrainSection, inputs: TrainInputs, ctx: StageContext,
                + (f", top-5 {best['val_top5_err']:.1%}" if best["val_top5_err"] is not None else "")
                + f"; final loss {last['train_loss']:.4f}, lr drops {len(history['lr_drops'])}, "
                f"{len(history['resumes'])} resume(s)")
-    result = _finish(ctx, net, meta, history, params, summary)
+    result = _finish(ctx, net, meta, history, params, summary, datasets)
     if best.get("val_health") is not None:
         result.manifest["val_health"] = best["val_health"]
         result.tags.update(collapse_tags(Health(**best["val_health"]), net_plan, ctx.log))
@@ -134,8 +136,9 @@ def _meta(config: TrainSection, classes: list[str], epoch: int | None,
 
 
 def _finish(ctx: StageContext, net: VGG, meta: dict[str, Any], history: dict[str, Any],
-            params: dict[str, Any], summary: str) -> StageResult:
-    """Write model.pt, history.json, learning_curves.png; the StageResult."""
+            params: dict[str, Any], summary: str, datasets: list[DatasetRef]) -> StageResult:
+    """Write model.pt, history.json, learning_curves.png; the StageResult (with the net as
+    an MLflow model, whatever its size, and the splits it saw as its datasets)."""
     size, sha = save_model(ctx.out, net, meta)
     write_json(ctx.out.fs, ctx.out.join(HISTORY_FILE), history)
     artifacts = [HISTORY_FILE]
@@ -144,8 +147,6 @@ def _finish(ctx: StageContext, net: VGG, meta: dict[str, Any], history: dict[str
         artifacts.append(CURVES_FILE)
     if "imported" not in history:
         artifacts.append(INIT_FILE)
-    if size <= ARTIFACT_LIMIT:
-        artifacts.append(MODEL_FILE)
     # "best_": the per-epoch series are val_top1_err etc.; a value logged under the same
     # name at step 0 would hide among them (the UI shows the last epoch's).
     metrics = {k: v for k, v in (("best_val_top1_err", meta["val_top1_err"]),
@@ -160,14 +161,20 @@ def _finish(ctx: StageContext, net: VGG, meta: dict[str, Any], history: dict[str
                 "arch": net.name, "width": net.width, "crop": net.crop, "num_classes": net.num_classes,
                 "epoch": meta["epoch"], "val_top1_err": meta["val_top1_err"],
                 "val_top5_err": meta["val_top5_err"], "origin": meta["origin"], **params}
-    return StageResult(metrics=metrics, params=params, artifacts=artifacts, manifest=manifest, summary=summary)
+    example = torch.randn((2, 3, net.crop, net.crop), generator=torch.Generator().manual_seed(0)).numpy()
+    model = NetToLog(net, example, {k: v for k, v in metrics.items() if k.startswith("best_val_")},
+                     meta["config"], dataset=datasets[1], step=meta["epoch"] or 0)
+    return StageResult(metrics=metrics, params=params, artifacts=artifacts, manifest=manifest, summary=summary,
+                       datasets=datasets, model=model)
 
 
-def _run_import(config: TrainSection, ctx: StageContext, classes: list[str], crop: int) -> StageResult:
+def _run_import(config: TrainSection, ctx: StageContext, classes: list[str], crop: int,
+                datasets: list[DatasetRef]) -> StageResult:
     """`weights:` released torchvision weights into model.pt, no training."""
     net_plan = config.net
     net = import_weights(net_plan.weights, net_plan.arch, classes, crop, config.train.dropout)
     meta = _meta(config, classes, epoch=None, errs=(None, None), origin=f"imported {net_plan.weights}")
     history = {"epochs": [], "lr_drops": [], "resumes": [], "imported": net_plan.weights}
     params = {"imported_weights": net_plan.weights, "num_classes": len(classes), "crop": crop}
-    return _finish(ctx, net, meta, history, params, f"imported {net_plan.weights} ({net.name}, width 1.0)")
+    return _finish(ctx, net, meta, history, params, f"imported {net_plan.weights} ({net.name}, width 1.0)",
+                   datasets)

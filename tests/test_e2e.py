@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.runner import PipelineError, run_pipeline
-from pipeline.tracking import tracking_uri
+from pipeline.tracking import tracking_uri, using_tracking_uri
 from tests.conftest import DEMO, TINY
 
 E2E = [
@@ -26,6 +26,8 @@ E2E = [
     "augment.check_batch_size=8",
     "evaluate.grid=2",
     "evaluate.batch_size=8",
+    "train.log_every=1",
+    "mlflow.system_metrics_interval_s=1",
 ]
 
 
@@ -73,6 +75,67 @@ def test_every_stage_runs_and_is_recorded(demo):
                 json.loads((out / "manifest.json").read_text())["val_top1_err"])
             epochs = json.loads((out / "history.json").read_text())["epochs"]
             assert len(client.get_metric_history(rec.run_id, "val_top1_err")) == len(epochs)
+
+
+@pytest.mark.slow
+def test_mlflow_shows_models_datasets_system_metrics_steps_and_the_champion(demo):
+    import mlflow
+    import torch
+
+    from pipeline.registry import SELECTION_MODE
+    from pipeline.storage import Store
+    from vgg.artifacts import Evaluation, TrainedNet
+    from vgg.evaluation.scoring import Scorer
+    from vgg.training.steps import Precision
+
+    cfg, _, first = demo
+    client = MlflowClient(tracking_uri(cfg))
+    exp = client.get_experiment(first.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    rec = {r.stage_id: r for r in first.records}
+    store = Store(cfg.work_dir)
+    shard_key = rec["shard"].cache_key
+    best = None
+    for sid, r in rec.items():
+        run = client.get_run(r.run_id)
+        inputs = {(i.dataset.name, i.tags[0].value): i.dataset for i in run.inputs.dataset_inputs}
+        out = store.output(sid, r.cache_key)
+        if r.kind == "train":
+            model_id = out.marker["mlflow_model_id"]
+            assert run.data.tags["model_id"] == model_id
+            # the logged model gives back the stage's net: same dense posteriors
+            with using_tracking_uri(tracking_uri(cfg)):
+                loaded = mlflow.pytorch.load_model(f"models:/{model_id}").eval()
+            net, _ = TrainedNet(out).load()
+            x = torch.randn(2, 3, net.crop + 8, net.crop + 4, generator=torch.Generator().manual_seed(1))
+            p = Precision(False, False)
+            assert torch.equal(Scorer.of(net, p, False).dense_probs(x, True),
+                               Scorer.of(loaded, p, False).dense_probs(x, True))
+            assert set(inputs) == {("shards/train", "training"), ("shards/val", "validation")}
+            # step metrics every train.log_every=1 steps, step = the global step
+            steps = [m.step for m in client.get_metric_history(r.run_id, "step_loss")]
+            assert steps and steps == sorted(set(steps)) and steps[0] == 1
+            assert len(client.get_metric_history(r.run_id, "step_lr")) == len(steps)
+            # system metrics of the worker nodes, the node in the name
+            assert any(k.startswith("system/node-") and k.endswith("cpu_utilization_percentage")
+                       for k in run.data.metrics), sorted(run.data.metrics)
+        elif r.kind == "evaluate":
+            assert set(inputs) == {("shards/val", "evaluation")}
+            row = next(x for x in Evaluation(out).rows() if x.mode == SELECTION_MODE)
+            if best is None or (row.top1, row.top5 or 0) < (best[1].top1, best[1].top5 or 0):
+                best = (sid, row)
+        else:
+            continue
+        for d in {d.digest for d in inputs.values()}:
+            assert d == shard_key  # the dataset digest is the shard stage's cache key
+    # the best single net of Table 4's mode is registered, with the fusion, as the champion
+    parent = client.get_run(first.parent_run_id).data.tags
+    name = parent["registry.model"]
+    assert name == f"{cfg.experiment}-best-net"
+    champ = client.get_model_version_by_alias(name, "champion")
+    assert str(champ.version) == parent["registry.champion"] == parent["registry.version"]
+    assert champ.tags["net"] == best[1].net and float(champ.tags["top1_err"]) == pytest.approx(best[1].top1, abs=1e-4)
+    assert champ.tags["val_data"] == shard_key and champ.tags["fusion.members"]
 
 
 @pytest.mark.slow
@@ -140,3 +203,64 @@ def test_bad_files_are_counted_and_training_runs(ray_session, tmp_path):
     assert [r.status for r in run.records] == ["ran", "ran", "ran"]
     shard_run = next(r for r in stage_runs(cfg) if r.data.tags["stage"] == "shard")
     assert shard_run.data.metrics["skipped"] == 4 and shard_run.data.metrics["converted"] == 4
+
+
+from tests import browser  # noqa: E402  (helpers shared with docs/screenshots.py)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(browser.chromium_path() is None,
+                    reason="Debian's chromium is not installed (apt-get install -y chromium)")
+def test_mlflow_ui_shows_the_runs_dataset_model_and_results_in_a_browser(demo, tmp_path):
+    """`mlflow ui` over the finished run, read from headless Chromium's rendered pages: the
+    experiment opens on its runs, not on the GenAI overview; the runs table lists the stage
+    runs, every train and evaluate run with its dataset, every train run with its model; the
+    parent run's Table 3 shows its numbers. (In MLflow 3.17 the sidebar's "GenAI | Model
+    training" switch picks the view, not the experiment's kind tag: the links carry
+    `?workflowType=machine_learning`, see tests/browser.py.)"""
+    _, _, first = demo
+    client = MlflowClient(first.tracking_uri)
+    eid, parent_id = first.experiment_id, first.parent_run_id
+    parent_name = client.get_run(parent_id).info.run_name
+    runs = {rec.run_id: client.get_run(rec.run_id) for rec in first.records}
+    kind = {rid: run.data.tags.get("stage") for rid, run in runs.items()}
+    datasets = {rid: {d.dataset.name for d in run.inputs.dataset_inputs}
+                for rid, run in runs.items() if kind[rid] in ("train", "evaluate")}
+    # a train run's Models cell names its logged model, or the registered version of it
+    versions = client.search_model_versions()
+    models: dict[str, set[str]] = {}
+    for m in client.search_logged_models(experiment_ids=[eid]):
+        models.setdefault(m.source_run_id, set()).update(
+            {m.name} | {f"{v.name} v{v.version}" for v in versions if getattr(v, "model_id", None) == m.model_id})
+    t3 = json.loads(Path(client.download_artifacts(parent_id, "tables/table3.json", str(tmp_path))).read_text())
+    col = t3["columns"].index("top-1")
+    top1 = next(row[col] for row in t3["data"] if row[col] is not None)
+
+    with browser.serve_mlflow_ui(first.tracking_uri) as base:
+        landing = browser.rendered_dom(browser.experiment_url(base, eid), wait_for=parent_name)
+        some_stage = runs[first.records[0].run_id].info.run_name
+        table = browser.rendered_dom(browser.runs_url(base, eid), window=(1600, 2400), wait_for=some_stage)
+        results = browser.rendered_text(browser.run_url(base, eid, parent_id, "tables/table3.json"),
+                                        wait_for="View as table")
+
+    # the experiment's page is its runs list (the GenAI overview: "Overview - ...", trace charts)
+    text = browser.dom_text(landing).splitlines()
+    assert browser.title(landing).startswith("Runs"), browser.title(landing)
+    assert "No data available for the selected time range" not in text and "Token Usage" not in text
+    assert parent_name in text
+    # the runs table: a row per stage run, with its dataset and model
+    cells = browser.grid_cells(table)
+    for rid, run in runs.items():
+        assert rid in cells, f"{run.info.run_name} is not in the runs table: {sorted(cells)}"
+        assert run.info.run_name in cells[rid]["attributes.`Run Name`"]
+    for rid, names in datasets.items():
+        shown = cells[rid]["attributes.`Dataset`"]
+        assert names, f"{runs[rid].info.run_name} logged no dataset"
+        assert any(n in shown for n in names), (runs[rid].info.run_name, names, shown)
+    for rid in (r for r in runs if kind[r] == "train"):
+        shown = cells[rid]["attributes.`Models`"]
+        assert models.get(rid), f"{runs[rid].info.run_name} logged no model"
+        assert any(m in shown for m in models[rid]), (runs[rid].info.run_name, models[rid], shown)
+    # the parent run's Table 3, as a table: the first top-1 error as the UI prints it
+    lines = results.splitlines()
+    assert "top-1" in lines and browser.js_text(top1) in lines, (top1, lines)

@@ -211,7 +211,15 @@ def test_a_trains_two_epochs_on_two_workers(trained_a, data):
 
     # outputs, StageResult, MLflow (rank 0 alone logs: one value per epoch and metric)
     assert Path(ctx.out.join("learning_curves.png")).read_bytes()[:4] == b"\x89PNG"
-    assert {"history.json", "learning_curves.png", "init.json", "model.pt"} <= set(result.artifacts)
+    assert {"history.json", "learning_curves.png", "init.json"} <= set(result.artifacts)
+    # the net goes to MLflow as a logged model (the runner logs result.model), with the
+    # selected epoch's validation errors measured on the val split it names
+    assert_same_weights(result.model.net.state_dict(), net.state_dict())
+    assert result.model.step == best["epoch"] and result.model.input_example.shape == (2, 3, CROP, CROP)
+    assert result.model.metrics["best_val_top1_err"] == result.metrics["best_val_top1_err"]
+    assert [(d.name, d.context, d.digest) for d in result.datasets] == [
+        ("shards/train", "training", data.shard.key), ("shards/val", "validation", data.shard.key)]
+    assert result.model.dataset is result.datasets[1] and result.datasets[0].rows > 0
     assert result.params["per_worker_batch"] == 5 and result.metrics["best_epoch"] == best["epoch"]
     assert result.manifest["model"]["bytes"] == os.path.getsize(ctx.out.join("model.pt"))
     client = MlflowClient(data.uri)
@@ -431,8 +439,9 @@ def test_torchvision_weights_are_imported_without_training(data, tmp_path):
     assert meta["origin"].startswith("imported")
     for k, v in state.items():
         assert torch.equal(net.state_dict()[k], v), k
-    # ~0.5 GB: not an MLflow artifact, but its URI, size and hash are in the manifest
+    # ~0.5 GB: logged as an MLflow model like any other net (result.model), not as a file
     assert "model.pt" not in result.artifacts and len(result.manifest["model"]["sha256"]) == 64
+    assert result.model is not None and result.model.net.num_classes == CLASSES
     assert result.manifest["model"]["bytes"] == os.path.getsize(ctx.out.join("model.pt"))
 
     # 4 classes (the class count is checked first: the other tensors may be dummies)

@@ -27,6 +27,7 @@ import pyarrow.fs as pafs
 
 from pipeline.storage import StageOutput, exists, read_bytes, write_bytes, write_json
 from vgg.data.augmentation import AugmentSpec
+from vgg.data.shards import num_rows, split_columns
 from vgg.results.metrics import Health, Posteriors, read_posteriors, write_posteriors
 from vgg.results.tables import EvalRow, FusionRow
 
@@ -86,6 +87,25 @@ class Shards(Artifact):
     def stats(self) -> dict[str, Any]:
         """Training-set mean RGB, RGB covariance and its eigen-decomposition (0-255 scale)."""
         return self._json(STATS_FILE, f"it holds the mean RGB and RGB eigen-decomposition; {_RESHARD}")
+
+
+@dataclass(frozen=True)
+class DatasetRef:
+    """One split of a shard output, as a dataset a stage read (MLflow: `log_input`)."""
+
+    name: str  # shards/<split>
+    digest: str  # the shard stage's cache key
+    uri: str
+    rows: int
+    columns: dict[str, str]  # column -> Arrow type
+    context: str  # training | validation | evaluation
+
+
+def split_dataset(shards: Shards, split: str, context: str) -> DatasetRef:
+    """The DatasetRef of a split of `shards` (reads Parquet metadata only)."""
+    uri = shards.split(split)
+    return DatasetRef(f"shards/{split}", shards.key, uri, num_rows(uri, split),
+                      split_columns(uri, split), context)
 
 
 def shard_files_to_log(shards: Shards) -> list[str]:

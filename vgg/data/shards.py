@@ -262,3 +262,11 @@ def read_sizes(index: ShardIndex, lo: int, hi: int) -> tuple[np.ndarray, np.ndar
 def num_rows(shards: str, split: str) -> int:
     """Rows of a split (Parquet metadata only)."""
     return sum(open_parquet(f).metadata.num_rows for f in shard_files(shards, split))
+
+
+def split_columns(shards: str, split: str) -> dict[str, str]:
+    """Column name -> Arrow type of a split's shards (the first file's schema)."""
+    files = shard_files(shards, split)
+    if not files:
+        return {}
+    return {f.name: str(f.type) for f in open_parquet(files[0]).schema_arrow}

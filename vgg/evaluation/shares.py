@@ -37,6 +37,7 @@ import torch
 
 from pipeline.config import EvaluateConfig, NetPlan
 from pipeline.stage import Progress
+from pipeline.system_metrics import SystemMetrics, sampling
 from vgg.data.augmentation import AugmentSpec
 from vgg.data.loaders import build_eval_loader
 from vgg.evaluation.scoring import Scorer
@@ -88,6 +89,7 @@ class ShareJob:
     bf16: bool = False
     channels_last: bool = False
     compile: bool = False
+    system_metrics: SystemMetrics | None = None  # where this node's metrics go
 
 
 @dataclass
@@ -116,26 +118,28 @@ def evaluate_share(job: ShareJob) -> ShareResult:
     scorer = Scorer.of(net, Precision(job.bf16, job.channels_last), job.compile)
     acc: dict[tuple[str, int], list] = {(m, q): [] for m in job.methods for q in job.qs}
     seconds = dict.fromkeys(("decode", *job.methods), 0.0)
-    n_images = 0
-    for q in job.qs:
-        loader = build_eval_loader(job.shards, spec, q, job.batch_size, mode="dense", rank=job.rank,
-                                   world_size=job.world_size, device_id=device_id)
-        progress = Progress(f"{job.name} share {job.rank + 1}/{job.world_size}", f"Q={q} images",
-                            loader.num_samples)
-        t = time.perf_counter()
-        with torch.inference_mode():
-            for images, labels, keys in loader:  # images (B, 3, H, W), one size per batch
-                images = images.to(device, non_blocking=True)
-                seconds["decode"] += _lap(t, device)
-                labels = labels.cpu().numpy().astype(np.int64)  # the iterator reuses its buffers
-                for method in job.methods:
+    n_images, progress = 0, None
+    with sampling(job.system_metrics):
+        for q in job.qs:
+            loader = build_eval_loader(job.shards, spec, q, job.batch_size, mode="dense", rank=job.rank,
+                                       world_size=job.world_size, device_id=device_id)
+            if progress is None:  # every Q reads the same share: total = its images x Qs
+                progress = Progress(job.name, f"evaluating (share {job.rank + 1}/{job.world_size})",
+                                    loader.num_samples * len(job.qs), unit="images", active=job.rank == 0)
+            t = time.perf_counter()
+            with torch.inference_mode():
+                for images, labels, keys in loader:  # images (B, 3, H, W), one size per batch
+                    images = images.to(device, non_blocking=True)
+                    seconds["decode"] += _lap(t, device)
+                    labels = labels.cpu().numpy().astype(np.int64)  # the iterator reuses its buffers
+                    for method in job.methods:
+                        t = time.perf_counter()
+                        probs = _METHOD_FNS[method](scorer, images, job)
+                        acc[(method, q)].append((list(keys), labels, probs.cpu().numpy()))
+                        seconds[method] += _lap(t, device)
+                    progress.update(len(keys), f"Q={q}")
                     t = time.perf_counter()
-                    probs = _METHOD_FNS[method](scorer, images, job)
-                    acc[(method, q)].append((list(keys), labels, probs.cpu().numpy()))
-                    seconds[method] += _lap(t, device)
-                progress.update(len(keys))
-                t = time.perf_counter()
-        n_images = loader.num_samples
+            n_images = loader.num_samples
     out = {k: _concat(v) for k, v in acc.items()}
     seconds["total"] = time.perf_counter() - t_start
     return ShareResult(job.rank, out, n_images, seconds)

@@ -45,7 +45,9 @@ from ray.train.torch import TorchTrainer
 from torch import nn
 
 from pipeline.config import NetPlan, TrainConfig, to_dict
+from pipeline.stage import Progress
 from pipeline.storage import StageOutput, exists, read_bytes, resolve_uri, write_json
+from pipeline.system_metrics import SystemMetrics, sampling
 from vgg.data.augmentation import AugmentSpec
 from vgg.data.loaders import build_center_loader, build_train_loader
 from vgg.paper import TOPK, single_test_scale
@@ -94,6 +96,7 @@ class WorkerPlan:
     callbacks: tuple[TrainCallback, ...] = ()
     mlflow_env: dict[str, str] = field(default_factory=dict)  # tracking.http_retry_env
     outcome_uri: str = ""  # where workers leave what the driver must know (_tell_driver)
+    system_metrics: SystemMetrics | None = None  # where each node's system metrics go
 
     @property
     def train(self) -> TrainConfig:
@@ -130,6 +133,7 @@ class Chief:
         self.plan, self.active = plan, rank == 0
         self._client = None
         self._pending: list = []  # mlflow RunOperations
+        self._failure: str | None = None  # the first failed MLflow call
 
     def say(self, msg: str) -> None:
         if self.active:  # not print(): Ray Train's print patch would echo the line twice
@@ -138,29 +142,41 @@ class Chief:
 
     def log_epochs(self, records: list[dict[str, Any]]) -> None:
         """Per-epoch metrics into the stage's MLflow run, step = epoch."""
-        if not (self.active and self.plan.run_id and records):
+        now = int(time.time() * 1000)
+        self._log([Metric(k, float(r[k]), now, r["epoch"]) for r in records for k in EPOCH_METRICS
+                   if r.get(k) is not None])
+
+    def log_step(self, global_step: int, loss: float, lr: float, images_per_s: float) -> None:
+        """Step-level metrics (every train.log_every steps), step = the global step."""
+        now = int(time.time() * 1000)
+        self._log([Metric(k, float(v), now, global_step) for k, v in
+                   (("step_loss", loss), ("step_lr", lr), ("step_images_per_s", images_per_s))])
+
+    def _log(self, metrics: list[Metric]) -> None:
+        if not (self.active and self.plan.run_id and metrics):
             return
         self._client = self._client or MlflowClient(self.plan.tracking_uri)
-        now = int(time.time() * 1000)
-        metrics = [Metric(k, float(r[k]), now, r["epoch"]) for r in records for k in EPOCH_METRICS
-                   if r.get(k) is not None]
         for i in range(0, len(metrics), 1000):  # MLflow's batch limit
             self._pending.append(self._client.log_batch(self.plan.run_id, metrics=metrics[i:i + 1000],
                                                         synchronous=False))
 
-    def close(self) -> str | None:
-        """Wait for the MLflow calls; -> the first failure, if any (training went on)."""
-        failure = None
-        for op in self._pending:
+    def _settle(self, ops: list) -> None:
+        for op in ops:
             try:
                 op.wait()
             except Exception as e:  # noqa: BLE001 - recorded, and the stage fails after training
-                failure = failure or f"{type(e).__name__}: {e}"[:500]
-        self._pending.clear()
-        if failure:
-            self.say(f"WARNING: MLflow logging failed, training went on: {failure}")
-        return failure
+                self._failure = self._failure or f"{type(e).__name__}: {e}"[:500]
 
+    def close(self) -> str | None:
+        """Wait for the MLflow calls; -> the first failure, if any (training went on)."""
+        self._settle(self._pending)
+        self._pending.clear()
+        if self._failure:
+            self.say(f"WARNING: MLflow logging failed, training went on: {self._failure}")
+        return self._failure
+
+
+PROGRESS_EVERY_S = 10.0  # at most one progress line per epoch every this many seconds
 
 EPOCH_METRICS = ("train_loss", "train_top1_err", "train_top5_err", "val_top1_err", "val_top5_err",
                  "lr", "images_per_s", "epoch_seconds")
@@ -176,6 +192,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     chief = Chief(plan, rank)
 
     os.environ.update(plan.mlflow_env)  # bounded MLflow retries, on this node too
+    with sampling(plan.system_metrics):  # this node's CPU/GPU/memory, while it trains
+        _train(plan, ctx, rank, world, device, chief)
+
+
+def _train(plan: WorkerPlan, ctx, rank: int, world: int, device: torch.device, chief: Chief) -> None:
+    t = plan.train
     net, optimizer, schedule, progress, start = _restore(plan, device, ctx, chief)
     loader, val_loader = _loaders(plan, rank, world, device, start)
     steps = _all_max(len(loader), device)  # ranks with a smaller share pad with empty steps
@@ -280,6 +302,9 @@ def train_one_epoch(net: nn.Module, loader, optimizer, steps: int, epoch: int, p
     bad_step = torch.tensor(steps, dtype=torch.long, device=device)
     batches = iter(loader.epoch(epoch))
     rows: list[int] = []
+    bar = Progress(plan.stage_id, f"epoch {epoch + 1}/{plan.epochs}", steps, every_s=PROGRESS_EVERY_S,
+                   unit="steps", active=chief.active)
+    note, t_log = "", time.perf_counter()
     for step in range(steps):
         for cb in plan.callbacks:
             cb.on_step(epoch, step, rank)
@@ -293,9 +318,15 @@ def train_one_epoch(net: nn.Module, loader, optimizer, steps: int, epoch: int, p
         step_sums = _sgd_step(net, optimizer, images, labels, plan)
         bad_step = torch.where(torch.isfinite(step_sums[0]), bad_step, bad_step.clamp(max=step))
         sums += step_sums
-        if plan.train.log_every and (step + 1) % plan.train.log_every == 0:
+        every = plan.train.log_every
+        if every and (step + 1) % every == 0:
             loss = step_sums[0].item() / max(len(labels), 1)
-            chief.say(f"epoch {epoch + 1} step {step + 1}/{steps} loss {loss:.4f}")
+            now = time.perf_counter()
+            rate = plan.train.batch_size * every / max(now - t_log, 1e-9)
+            t_log = now
+            chief.log_step(epoch * steps + step + 1, loss, optimizer.param_groups[0]["lr"], rate)
+            note = f"loss {loss:.4f}, {rate:.0f} img/s"
+        bar.update(1, note)
     if next(batches, None) is not None:  # also lets the loader finish its pass cleanly
         raise RuntimeError("the training loader yielded more batches than it announced")
     if plan.wants_rows:

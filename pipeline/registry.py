@@ -1,0 +1,147 @@
+"""The model registry at the end of a run: the best single net, registered; the alias
+`champion` moved to it only when it beats the current champion on the same validation data.
+
+"Best" is the lowest top-1 error (then top-5) in the multi-scale dense evaluation, the
+mode of the report's Table 4 (`SELECTION_MODE`). Each train stage logs its net as an
+MLflow model and its output records the model's id (`mlflow_model_id`); evaluations
+published before that have none and are skipped, with a line saying so.
+
+Every version carries tags: the evaluation it won on (mode, errors, the validation data's
+digest = the shard stage's cache key, the evaluate run), and the run's fusion (members,
+errors), so the registry page says how to reproduce the best ensemble too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from pipeline.dag import StageSpec
+from pipeline.storage import StageOutput
+from vgg.artifacts import Evaluation, Fusion, MissingArtifact
+
+CHAMPION = "champion"
+SELECTION_MODE = "dense@multi"  # Table 4: multi-scale test, dense
+
+
+@dataclass(frozen=True)
+class Candidate:
+    net: str
+    model_id: str
+    top1: float  # percent
+    top5: float | None
+    data: str  # digest of the validation data (the shard stage's cache key)
+    evaluate_run: str
+
+    def beats(self, top1: float, top5: float | None) -> bool:
+        mine = (self.top1, self.top5 if self.top5 is not None else 0.0)
+        return mine < (top1, top5 if top5 is not None else 0.0)
+
+
+@dataclass(frozen=True)
+class Registration:
+    name: str
+    version: str
+    champion: str  # the version the alias points at afterwards
+    moved: bool
+    reason: str
+
+
+def model_name(experiment: str, configured: str | None) -> str:
+    """The registered model's name: configured, or derived from the experiment."""
+    return configured or f"{experiment}-best-net"
+
+
+def candidates(dag: dict[str, StageSpec], outputs: dict[str, StageOutput],
+               log: Callable[[str], None]) -> list[Candidate]:
+    """One candidate per evaluated net with a logged model: its SELECTION_MODE errors."""
+    shard = next(sid for sid, s in dag.items() if s.kind == "shard")
+    out = []
+    for sid, spec in dag.items():
+        if spec.kind != "evaluate" or sid not in outputs:
+            continue
+        train = spec.wiring["net"]
+        if train not in outputs:
+            continue
+        model_id = outputs[train].marker.get("mlflow_model_id")
+        try:
+            row = next(r for r in Evaluation(outputs[sid]).rows() if r.mode == SELECTION_MODE)
+        except (MissingArtifact, StopIteration):
+            continue
+        if not model_id:
+            log(f"registry: {train} has no MLflow model (published by an older version; "
+                f"`--stage {train} --force` logs one): not a candidate")
+            continue
+        out.append(Candidate(row.net, model_id, row.top1, row.top5, outputs[shard].key,
+                             outputs[sid].marker.get("mlflow_run_id", "")))
+    return out
+
+
+def register_best(client: MlflowClient, name: str, cands: list[Candidate],
+                  fusion: Fusion | None) -> Registration | None:
+    """Register the best candidate (once per model) and move `champion` to it if it is
+    better than the current champion on the same validation data."""
+    if not cands:
+        return None
+    best = min(cands, key=lambda c: (c.top1, c.top5 if c.top5 is not None else 0.0))
+    _ensure_model(client, name)
+    version = _version_of(client, name, best.model_id) or _register(client, name, best, fusion)
+    try:
+        champ = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        champ = None
+    if champ is None:
+        moved, reason = True, "no champion yet"
+    elif str(champ.version) == str(version.version):
+        moved, reason = False, "already the champion"
+    elif champ.tags.get("val_data") != best.data:
+        moved, reason = False, (f"not compared: champion v{champ.version} was evaluated on other "
+                                f"validation data ({champ.tags.get('val_data')} vs {best.data})")
+    elif best.beats(float(champ.tags["top1_err"]), _float(champ.tags.get("top5_err"))):
+        moved, reason = True, f"beats v{champ.version} (top-1 {champ.tags['top1_err']}%)"
+    else:
+        moved, reason = False, f"does not beat v{champ.version} (top-1 {champ.tags['top1_err']}%)"
+    if moved:
+        client.set_registered_model_alias(name, CHAMPION, version.version)
+    client.set_model_version_tag(name, version.version, "champion_decision", reason)
+    return Registration(name, str(version.version), str(version.version if moved else champ.version),
+                        moved, reason)
+
+
+def _float(text: str | None) -> float | None:
+    return None if text in (None, "", "None") else float(text)
+
+
+def _ensure_model(client: MlflowClient, name: str) -> None:
+    try:
+        client.create_registered_model(
+            name, description=f"The best single net of each run ({SELECTION_MODE} top-1 error, the "
+                              f"report's Table 4); alias `{CHAMPION}`: the best on the same "
+                              "validation data so far.")
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+
+
+def _version_of(client: MlflowClient, name: str, model_id: str):
+    """The version that already registers this logged model (a rerun reusing the net)."""
+    for mv in client.search_model_versions(f"name = '{name}'"):
+        if mv.tags.get("model_id") == model_id:
+            return mv
+    return None
+
+
+def _register(client: MlflowClient, name: str, best: Candidate, fusion: Fusion | None):
+    tags = {"model_id": best.model_id, "net": best.net, "mode": SELECTION_MODE,
+            "top1_err": f"{best.top1:.4f}", "top5_err": "" if best.top5 is None else f"{best.top5:.4f}",
+            "val_data": best.data, "evaluate_run": best.evaluate_run}
+    if fusion is not None:
+        row = fusion.row()
+        tags.update({"fusion.members": " + ".join(row.members), "fusion.top1_err": f"{row.top1:.4f}",
+                     "fusion.top5_err": "" if row.top5 is None else f"{row.top5:.4f}"})
+    logged = client.get_logged_model(best.model_id)
+    return client.create_model_version(name, source=f"models:/{best.model_id}", run_id=logged.source_run_id,
+                                       tags=tags, model_id=best.model_id)
