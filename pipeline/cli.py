@@ -11,7 +11,7 @@ import time
 import traceback
 from pathlib import Path
 
-from pipeline import console
+from pipeline import console, tracking
 from pipeline.config import DEFAULT_CONFIG, load_config
 from pipeline.errors import UserError
 
@@ -125,6 +125,7 @@ def print_summary(run) -> None:
             f"blocked by {r.note}" if r.status == "blocked" else r.note)
         print(f"{r.stage_id:<20} {r.status:<8} {clock(r.started):>8} {clock(r.ended):>8} {r.seconds:>8.1f}  {where}")
     print(f"MLflow parent run: {run.parent_run_id} (experiment id {run.experiment_id}, {run.tracking_uri})")
+    print(tracking.ui_hint(run.tracking_uri, run.experiment_id))
 
 
 def user_error(e: BaseException) -> BaseException | None:

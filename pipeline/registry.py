@@ -16,11 +16,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline.dag import StageSpec
 from pipeline.storage import StageOutput
+from pipeline.tracking import using_tracking_uri
 from vgg.artifacts import Evaluation, Fusion, MissingArtifact
 
 CHAMPION = "champion"
@@ -142,6 +144,9 @@ def _register(client: MlflowClient, name: str, best: Candidate, fusion: Fusion |
         row = fusion.row()
         tags.update({"fusion.members": " + ".join(row.members), "fusion.top1_err": f"{row.top1:.4f}",
                      "fusion.top5_err": "" if row.top5 is None else f"{row.top5:.4f}"})
-    logged = client.get_logged_model(best.model_id)
-    return client.create_model_version(name, source=f"models:/{best.model_id}", run_id=logged.source_run_id,
-                                       tags=tags, model_id=best.model_id)
+    # mlflow.register_model (not client.create_model_version): it also links the version to
+    # the logged model, so the model's page and the runs table's Models column show it
+    if mlflow.get_tracking_uri() == client.tracking_uri:  # the runner's (do not reset it)
+        return mlflow.register_model(f"models:/{best.model_id}", name, tags=tags)
+    with using_tracking_uri(client.tracking_uri):
+        return mlflow.register_model(f"models:/{best.model_id}", name, tags=tags)

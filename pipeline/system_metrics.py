@@ -39,6 +39,8 @@ def node_label() -> str:
     try:
         import ray
 
+        if not ray.is_initialized():  # get_runtime_context() would start a Ray instance
+            raise RuntimeError("not in Ray")
         ctx = ray.get_runtime_context()
         node = ctx.get_node_id()[:12]
         ip = ray.util.get_node_ip_address()
@@ -99,3 +101,12 @@ def _sample(spec: SystemMetrics, label: str, stop: threading.Event) -> None:
         return
     stop.wait()
     monitor.finish()
+    # MLflow's loop drops the samples of an unfinished interval when it stops: publish
+    # them, so a worker shorter than one interval still leaves its node's figures
+    try:
+        last = monitor.aggregate_metrics()
+        if last:
+            monitor.publish_metrics(last)
+            monitor.mlflow_logger.flush()
+    except Exception as e:  # noqa: BLE001 - the run may be over already
+        logging.getLogger(__name__).warning("last system-metric sample of %s not logged: %s", label, e)

@@ -157,16 +157,33 @@ def _setup_experiment(cfg: PipelineConfig, uri: str) -> str:
     else:
         exp_id = exp.experiment_id
     if exp is None or EXPERIMENT_KIND_TAG not in exp.tags:
-        # MLflow 3's UI opens an experiment by its kind: without it, on the GenAI overview
-        # (traces); the experiment-kind selector in the UI writes this same tag (a kind the
-        # user chose there is kept).
+        # MLflow 3's experiment kind (a kind the user chose in the UI is kept). MLflow 3.17's
+        # UI opens the view of its `workflowType` URL parameter instead, whatever the tag
+        # says (`ui_hint` prints that link); the tag is for the versions and tools that read it.
         client.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+    if exp is None or NOTE_TAG not in exp.tags:  # the description above every view of it
+        client.set_experiment_tag(exp_id, NOTE_TAG, EXPERIMENT_NOTE)
     return exp_id
 
 
 #: The experiment tag that MLflow 3's UI reads to open an experiment on its runs table
 #: ("Model training") rather than on the GenAI overview.
 EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+NOTE_TAG = "mlflow.note.content"  # the experiment's description in the UI
+EXPERIMENT_NOTE = ("VGG pipeline runs: one parent run per invocation, a nested run per stage. "
+                   "They are in the **Model training** view (sidebar switch), not in GenAI; "
+                   "the registry holds each run's best net (alias `champion`).")
+
+
+def ui_hint(uri: str, experiment_id: str) -> str:
+    """How to open the experiment's runs table in the MLflow UI. MLflow 3.17's UI picks
+    its view from the `workflowType` URL parameter (then remembers it in the browser),
+    not from the experiment's kind tag: a plain link opens the GenAI overview."""
+    page = f"#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    if uri.startswith(("http://", "https://")):
+        return f"MLflow UI: {uri.rstrip('/')}/{page}"
+    store = uri.split("?", 1)[0] if uri.startswith("sqlite:") else uri
+    return f"MLflow UI: mlflow ui --backend-store-uri {store}  then open http://127.0.0.1:5000/{page}"
 
 
 #: Retries of one MLflow HTTP call, and the backoff factor (waits 1, 2, 4 s between them).

@@ -231,7 +231,8 @@ def test_mlflow_ui_shows_the_runs_dataset_model_and_results_in_a_browser(demo, t
     models: dict[str, set[str]] = {}
     for m in client.search_logged_models(experiment_ids=[eid]):
         models.setdefault(m.source_run_id, set()).update(
-            {m.name} | {f"{v.name} v{v.version}" for v in versions if getattr(v, "model_id", None) == m.model_id})
+            {m.name} | {f"{v.name} v{v.version}" for v in versions
+                         if m.model_id in (getattr(v, "model_id", None), v.tags.get("model_id"))})
     t3 = json.loads(Path(client.download_artifacts(parent_id, "tables/table3.json", str(tmp_path))).read_text())
     col = t3["columns"].index("top-1")
     top1 = next(row[col] for row in t3["data"] if row[col] is not None)

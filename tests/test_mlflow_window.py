@@ -3,6 +3,7 @@ the registry's champion, system metrics on the worker nodes, progress lines."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import mlflow
@@ -43,7 +44,7 @@ def _log(exp, net, tmp_path, digest="shardkey1", top1=0.5) -> tuple[str, str]:
     return run.info.run_id, model_id
 
 
-def test_experiment_opens_on_model_training_and_a_chosen_kind_is_kept(tmp_path):
+def test_experiment_is_of_the_model_training_kind_described_and_linked_to_its_runs(tmp_path):
     from pipeline.config import load_config
     from tests.conftest import DEMO
 
@@ -53,6 +54,11 @@ def test_experiment_opens_on_model_training_and_a_chosen_kind_is_kept(tmp_path):
     old = client.create_experiment("old")  # made by an older version: no kind
     exp = tracking.setup_experiment(cfg, uri)
     assert client.get_experiment(exp).tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    assert "Model training" in client.get_experiment(exp).tags["mlflow.note.content"]
+    # MLflow 3.17's UI opens the view its URL names: the link the run prints
+    assert tracking.ui_hint(uri + "?timeout=60", exp).endswith(
+        f"then open http://127.0.0.1:5000/#/experiments/{exp}/runs?workflowType=machine_learning")
+    assert f"--backend-store-uri {uri} " in tracking.ui_hint(uri + "?timeout=60", exp)
     cfg_old = load_config(DEMO, [f"work_dir={tmp_path}", "experiment=old"])
     assert tracking.setup_experiment(cfg_old, uri) == old
     assert client.get_experiment(old).tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
@@ -123,6 +129,10 @@ def test_the_champion_alias_moves_only_on_improvement_on_the_same_data(store, tm
     assert (mv.tags["net"], mv.tags["top1_err"], mv.tags["val_data"], mv.tags["mode"]) == (
         "net2", "25.0000", "shardkey1", "dense@multi")
     assert mv.tags["model_id"] == ids[2] and ids[2] in mv.source
+    # the logged model knows its registered version (its page and the runs table show it)
+    linked = json.loads(client.get_logged_model(ids[2]).tags["mlflow.modelVersions"])
+    assert {"name": "window-best-net", "version": 4} in linked or \
+        {"name": "window-best-net", "version": "4"} in linked
 
 
 def test_system_metrics_are_sampled_once_per_node_and_handed_over(store):
