@@ -118,9 +118,13 @@ class AugmentConfig:
     #: AlexNet's PCA colour noise: alpha ~ N(0, color_noise_std) per eigenvector.
     color_noise_std: float = 0.1
     flip: bool = True
-    #: DALI decoding: "auto" (mixed/GPU decoding where the worker has a GPU), "cpu" or "gpu".
+    #: The loaders' backend (vgg.data.loaders): "dali" (NVIDIA DALI: ROI decoding, GPU "mixed"
+    #: decoding on GPU workers; Linux + NVIDIA CUDA wheels only) or "torch" (torchvision's
+    #: decode_jpeg, batched on the GPU where there is one, and torch ops: any PyTorch machine).
+    backend: Literal["dali", "torch"] = "dali"
+    #: Decoding: "auto" (on the GPU where the worker has one), "cpu" or "gpu".
     device: Literal["auto", "cpu", "gpu"] = "auto"
-    #: DALI CPU threads per pipeline.
+    #: CPU threads per pipeline (DALI) / decoding threads (torch).
     num_threads: int = 2
     #: DALI prefetch queue depth.
     prefetch: int = 2

@@ -8,7 +8,7 @@ normalisation is subtracting the training mean RGB. Testing: the image rescaled
 to shorter side Q, whole (dense) or as crop windows.
 
 All random numbers are drawn from a Generator seeded by (seed, epoch, rank) by the
-caller, so a batch depends only on those. `vgg.data.loaders` runs these parameters
+caller, so a batch depends only on those. `vgg.data.dali` runs these parameters
 through DALI.
 """
 
@@ -26,6 +26,7 @@ from vgg.data.shards import check_int
 # Resampling filter -> its radius in source pixels at scale 1 (the decode margin).
 FILTER_RADIUS = {"linear": 1, "cubic": 2, "lanczos3": 3}
 DEVICES = ("auto", "cpu", "gpu")
+BACKENDS = ("dali", "torch")  # vgg.data.loaders.BACKENDS
 
 
 # --------------------------------------------------------------------------
@@ -52,6 +53,7 @@ class AugmentSpec:
     interp: str = "linear"  # "linear" | "cubic" | "lanczos3" (antialiased)
     channels_last: bool = False
     window_blocks: int = 8  # row groups shuffled together (see epoch_order)
+    backend: str = "dali"  # the loaders' backend: "dali" | "torch" (vgg.data.loaders)
 
     def __post_init__(self) -> None:
         _set = lambda k, v: object.__setattr__(self, k, v)  # frozen dataclass
@@ -69,6 +71,8 @@ class AugmentSpec:
             raise ValueError(f"eigvals must be >= 0 (a covariance), got {self.eigvals}")
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.interp not in FILTER_RADIUS:
             raise ValueError(f"interp must be one of {tuple(FILTER_RADIUS)}, got {self.interp!r}")
         for k in ("flip", "channels_last"):
@@ -132,6 +136,7 @@ def spec_from_config(cfg: AugmentConfig, stats: Mapping[str, Any]) -> AugmentSpe
         num_threads=cfg.num_threads,
         prefetch=cfg.prefetch,
         interp=cfg.interp,
+        backend=cfg.backend,
     )
 
 
