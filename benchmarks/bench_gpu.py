@@ -20,9 +20,9 @@ Three figures, one GPU, one process (the stage's own code, without Ray Train aro
 `bench_train.py` measures what Ray Train adds):
   decode  the DALI training loader alone: JPEG bytes from Parquet shards, mixed decoding,
           isotropic rescale to S ~ U[Smin, Smax], random crop, flip, PCA colour shift;
-  step    the stage's SGD step (`vgg.training.worker._sgd_step`: forward, loss, backward, SGD with
+  step    the stage's SGD step (`vgg.training.steps.sgd_step`: forward, loss, backward, SGD with
           momentum and weight decay) on batches already in GPU memory;
-  train   the stage's epoch loop (`vgg.training.worker.train_one_epoch`) fed by the loader.
+  train   the stage's epoch loop (`vgg.training.loop.train_one_epoch`) fed by the loader.
 MFU = images/s x training FLOPs per image / the GPU's dense bf16 peak. The training FLOPs
 are 3 x 2 x the forward MACs, counted on the model (VGG-D at 224: 15.5 GMACs, so about
 93 GFLOPs per image).
@@ -72,7 +72,7 @@ def make_data(args, work: Path) -> tuple[str, dict]:
     from pipeline.runner import start_local_ray
     from pipeline.storage import Store, write_json
     from vgg.data import demo as demo_data
-    from vgg.data.sharding import shard
+    from pipeline.sharding import shard
 
     root = args.data
     if root is None:
@@ -203,9 +203,9 @@ def main(argv=None) -> None:
 
 def dali_main(args, device, sync, name: str, cuda: bool) -> None:
     """The default mode: the DALI loader, the stage's step and its epoch loop."""
-    from pipeline.config import NetPlan, TrainConfig
-    from pipeline.dag import TrainSection
-    from vgg.training import worker as T
+    from vgg.config import TrainConfig
+    from vgg.training.loop import LOCAL, FitOptions, train_one_epoch
+    from vgg.training.steps import Precision, sgd_step
     from vgg.data.augmentation import AugmentSpec
     from vgg.data.loaders import build_train_loader
 
@@ -237,7 +237,8 @@ def dali_main(args, device, sync, name: str, cuda: bool) -> None:
         # step: the stage's SGD step on one batch resident on the device
         t = TrainConfig(batch_size=args.batch, width=args.width, num_workers=1, bf16=args.bf16,
                         channels_last=args.channels_last, log_every=0)
-        plan = T.WorkerPlan("bench", TrainSection(t, NetPlan(arch=args.arch, scale=args.scale), "bench"), shards, spec.to_dict(), args.classes, "", 1, "", "")
+        opts = FitOptions(epochs=1, num_classes=args.classes, per_worker_batch=args.batch, log_every=0,
+                          precision=Precision(args.bf16, args.channels_last), name="bench", crop=args.crop)
         torch.manual_seed(0)
         net = build_vgg(args.arch, num_classes=args.classes, width=args.width, crop=args.crop).to(device)
         macs = forward_macs(net)
@@ -248,7 +249,7 @@ def dali_main(args, device, sync, name: str, cuda: bool) -> None:
         images, _ = next(iter(loader.epoch(epochs + 1)))
         images = images.to(device)
         labels = torch.randint(0, args.classes, (len(images),), device=device)
-        step = lambda: T._sgd_step(net, optimizer, images, labels, plan)  # noqa: E731
+        step = lambda: sgd_step(net, optimizer, images, labels, opts.per_worker_batch, opts.precision)  # noqa: E731
         timed(step, args.warmup, len(images), sync)
         step_rate = timed(step, args.steps, len(images), sync)
         if cuda:
@@ -259,12 +260,11 @@ def dali_main(args, device, sync, name: str, cuda: bool) -> None:
               + (f", peak memory {mem:.1f} GiB" if cuda else "") + ")", flush=True)
 
         # train: the stage's epoch loop, fed by the loader
-        chief = T.Chief(plan, 0)
-        T.train_one_epoch(net, loader, optimizer, per_epoch, epochs + 2, plan, device, chief, 0)
+        train_one_epoch(net, loader, optimizer, per_epoch, epochs + 2, opts, LOCAL, device)
         sync()
         t0 = time.perf_counter()
         for e in range(epochs):
-            T.train_one_epoch(net, loader, optimizer, per_epoch, epochs + 3 + e, plan, device, chief, 0)
+            train_one_epoch(net, loader, optimizer, per_epoch, epochs + 3 + e, opts, LOCAL, device)
         sync()
         train = epochs * loader.num_samples / (time.perf_counter() - t0)
         peak = args.peak_tflops or (peak_tflops(name) if cuda else None)

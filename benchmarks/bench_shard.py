@@ -1,4 +1,4 @@
-"""The shard stage at scale: `vgg.data.sharding.shard` on a generated image folder of N
+"""The shard stage at scale: `pipeline.sharding.shard` on a generated image folder of N
 small JPEGs (or the same images packed as ILSVRC-2012's official archives), under a
 private local Ray instance with every CPU of the machine.
 
@@ -165,8 +165,8 @@ def measure(root: str, layout: str, num_cpus: int, rows_per_shard: int, work: st
 
     from pipeline.config import ShardConfig
     from pipeline.storage import Store
-    from vgg.data.folders import list_dataset
-    from vgg.data.sharding import shard
+    from vgg.data.layouts import list_dataset
+    from pipeline.sharding import shard
 
     try:
         from pipeline.runner import start_local_ray

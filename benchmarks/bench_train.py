@@ -2,7 +2,7 @@
 (DDP) workers vs a plain single-process PyTorch loop, on the same model, global batch
 and in-memory random data (no data loading, so only the machinery differs).
 
-All three run `vgg.training.worker.train_one_epoch` (the stage's own step: forward, loss / per-
+All three run `vgg.training.loop.train_one_epoch` (the stage's own step: forward, loss / per-
 worker batch, backward, SGD with momentum and weight decay, top-k accounting). The plain
 loop uses every CPU as torch threads; each Ray worker gets `--cpus / workers` CPUs and as
 many torch threads. Throughput is timed inside the workers between barriers, after a
@@ -21,14 +21,14 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.config import NetPlan, TrainConfig  # noqa: E402
-from pipeline.dag import TrainSection  # noqa: E402
-from vgg.training import worker as T  # noqa: E402
+from vgg.config import TrainConfig  # noqa: E402
+from vgg.training.loop import FitOptions  # noqa: E402
 from vgg.models import build_vgg  # noqa: E402
 
 
@@ -49,11 +49,23 @@ class MemoryLoader:
             yield self.data[i % len(self.data)]
 
 
-def make_plan(args, workers: int, cpus: float) -> T.WorkerPlan:
+@dataclass(frozen=True)
+class Plan:
+    """The recipe (momentum, weight decay, workers, CPUs) and the loop's options."""
+
+    train: TrainConfig
+    opts: FitOptions
+
+    @property
+    def per_worker_batch(self) -> int:
+        return self.opts.per_worker_batch
+
+
+def make_plan(args, workers: int, cpus: float) -> Plan:
     t = TrainConfig(batch_size=args.batch, width=args.width, num_workers=workers,
                     cpus_per_worker=cpus, log_every=0)
-    section = TrainSection(t, NetPlan(arch=args.arch, scale=args.crop), "bench")
-    return T.WorkerPlan("bench", section, "", {"crop": args.crop}, args.classes, "", 1, "", "")
+    return Plan(t, FitOptions(epochs=1, num_classes=args.classes, per_worker_batch=args.batch // workers,
+                              log_every=0, name="bench", crop=args.crop))
 
 
 def timed_epochs(net, plan, rank: int, device, args, barrier=lambda: None) -> float:
@@ -63,20 +75,20 @@ def timed_epochs(net, plan, rank: int, device, args, barrier=lambda: None) -> fl
 
     import torch
 
-    from vgg.training import worker as T
+    from vgg.training.loop import LOCAL, TorchDistributed, train_one_epoch
 
     t = plan.train
     optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=t.momentum, weight_decay=t.weight_decay)
-    chief = T.Chief(plan, rank)
+    comm = TorchDistributed() if t.num_workers > 1 else LOCAL
     b = plan.per_worker_batch
     warm = MemoryLoader(b, args.crop, args.classes, args.warmup, seed=rank)
-    T.train_one_epoch(net, warm, optimizer, args.warmup, 0, plan, device, chief, rank)
+    train_one_epoch(net, warm, optimizer, args.warmup, 0, plan.opts, comm, device)
     loader = MemoryLoader(b, args.crop, args.classes, args.steps, seed=rank)
     best = 0.0
     for epoch in range(1, args.epochs + 1):
         barrier()
         t0 = time.perf_counter()
-        T.train_one_epoch(net, loader, optimizer, args.steps, epoch, plan, device, chief, rank)
+        train_one_epoch(net, loader, optimizer, args.steps, epoch, plan.opts, comm, device)
         barrier()
         best = max(best, args.steps * b * t.num_workers / (time.perf_counter() - t0))
     return best

@@ -9,12 +9,9 @@ log file (or the console with --verbose). Anything else is a bug and keeps its t
 from __future__ import annotations
 
 
-class UserError(Exception):
-    """Mixin base of the errors a user can fix; the message says how."""
+from vgg.errors import UserError
 
-    #: Whether the command line keeps the traceback in a file (errors of inputs that were
-    #: checked before any work started have nothing more to say than their message).
-    keep_traceback = True
+__all__ = ["UserError", "TrackingServerLost"]
 
 
 class TrackingServerLost(UserError, ConnectionError):

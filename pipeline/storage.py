@@ -16,7 +16,6 @@ kill -9, a crash) never leaves anything that could be taken for a result.
 
 from __future__ import annotations
 
-import json
 import os
 import posixpath
 import socket
@@ -29,76 +28,18 @@ from typing import Any, Callable, Iterator
 import filelock
 import pyarrow.fs as pafs
 
+from vgg.storage import StageOutput as _Output
+from vgg.storage import exists, is_local, read_bytes, read_json, resolve_uri, to_uri, write_bytes, write_json
+
+__all__ = ["MARKER", "StageOutput", "Store", "exists", "is_local", "read_bytes", "read_json", "resolve_uri",
+           "to_uri", "write_bytes", "write_json"]
+
 MARKER = "_SUCCESS.json"
 
 
-def resolve_uri(uri: str) -> tuple[pafs.FileSystem, str]:
-    """A local path or filesystem URI -> (pyarrow filesystem, path inside it)."""
-    if "://" in uri:
-        return pafs.FileSystem.from_uri(uri)
-    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
-
-
-def is_local(fs: pafs.FileSystem) -> bool:
-    return isinstance(fs, pafs.LocalFileSystem)
-
-
-def to_uri(fs: pafs.FileSystem, path: str, like: str) -> str:
-    """The inverse of `resolve_uri`: a path of `fs` as a URI with the scheme of `like`."""
-    if is_local(fs):
-        return path
-    return f"{like.split('://', 1)[0]}://{path}"
-
-
-def write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
-    """Write a whole file; on a local filesystem via rename, so readers never see half of it."""
-    fs.create_dir(posixpath.dirname(path), recursive=True)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}" if is_local(fs) else path
-    with fs.open_output_stream(tmp) as f:
-        f.write(data)
-    if tmp != path:
-        os.replace(tmp, path)
-
-
-def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
-    with fs.open_input_stream(path) as f:
-        return f.read()
-
-
-def write_json(fs: pafs.FileSystem, path: str, obj: Any) -> None:
-    write_bytes(fs, path, json.dumps(obj, indent=2, sort_keys=True).encode())
-
-
-def read_json(fs: pafs.FileSystem, path: str) -> Any:
-    return json.loads(read_bytes(fs, path))
-
-
-def exists(fs: pafs.FileSystem, path: str) -> bool:
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
-
-
 @dataclass(frozen=True)
-class StageOutput:
-    """A completed stage output: where it is, and its manifest."""
-
-    stage_id: str
-    key: str
-    fs: pafs.FileSystem
-    path: str
-    uri: str
-
-    def join(self, *parts: str) -> str:
-        """Path of a file inside the output (for `fs`)."""
-        return posixpath.join(self.path, *parts)
-
-    def file_uri(self, *parts: str) -> str:
-        """URI of a file inside the output (a path for local outputs), for another process."""
-        if "://" in self.uri:
-            return "/".join([self.uri.rstrip("/"), *parts])
-        return self.join(*parts)
-
-    def read_json(self, *parts: str) -> Any:
-        return read_json(self.fs, self.join(*parts))
+class StageOutput(_Output):
+    """A stage's output folder (`vgg.storage.StageOutput`) and its success marker."""
 
     @property
     def marker(self) -> dict:

@@ -14,8 +14,9 @@ import time
 from pipeline.dag import EvaluateInputs, EvaluateSection
 from pipeline.stage import StageContext, StageResult
 from vgg.artifacts import split_dataset, write_evaluation
+from pipeline.ray_evaluate import run_shares
 from vgg.evaluation.shares import (ShareJob, combine_modes, error_table, eval_rows, gather, per_q_table, q_sets,
-                                   run_shares, throughput)
+                                   throughput)
 from vgg.data.shards import num_rows
 from vgg.paper import MODES
 from vgg.results.metrics import health
@@ -40,9 +41,9 @@ def run(config: EvaluateSection, inputs: EvaluateInputs, ctx: StageContext) -> S
     job = ShareJob(model_uri, val, spec.to_dict(), all_q, tuple(classes), cfg.grid, cfg.flips,
                    cfg.batch_size, use_gpu=cfg.use_gpu, threads=max(1, int(cfg.cpus_per_worker)),
                    name=ctx.stage_id, pool_rounding=cfg.pool_rounding, bf16=cfg.bf16,
-                   channels_last=cfg.channels_last, compile=cfg.compile, system_metrics=ctx.system_metrics)
+                   channels_last=cfg.channels_last, compile=cfg.compile)
     t0 = time.monotonic()
-    results = run_shares(job, workers, cfg.cpus_per_worker, log=ctx.log)
+    results = run_shares(job, workers, cfg.cpus_per_worker, log=ctx.log, system_metrics=ctx.system_metrics)
     wall = time.monotonic() - t0
     per_q = gather(results, classes)
     modes = combine_modes(per_q, q_single, q_multi)

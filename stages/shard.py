@@ -1,5 +1,5 @@
 """The shard stage: a dataset -> Parquet shards, class index, RGB statistics
-(`vgg.data.sharding`). `data.layout`: an image folder (`vgg.data.folders`), or ILSVRC-2012
+(`pipeline.sharding`). `data.layout`: an image folder (`vgg.data.folders`), or ILSVRC-2012
 as its official archives or the Kaggle copy (`vgg.data.imagenet`). Without `data.root`,
 a small synthetic dataset is generated inside the output first (`vgg.data.demo`).
 
@@ -16,8 +16,8 @@ from pipeline.dag import ShardInputs, ShardSection
 from pipeline.stage import StageContext, StageResult
 from vgg.artifacts import Shards, shard_files_to_log
 from vgg.data import demo
-from vgg.data.folders import list_dataset
-from vgg.data.sharding import shard
+from vgg.data.layouts import list_dataset
+from pipeline.sharding import shard
 
 
 def check(config: ShardSection) -> None:

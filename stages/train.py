@@ -3,7 +3,7 @@
 Deeper nets start from A's first four convs and three FCs (`init: {from_A: ...}`),
 S=384 / jittered nets from a whole same-architecture net (`init: {full: ...}`);
 `weights: <torchvision state_dict>` imports released weights instead of training.
-The recipe and how it runs: `vgg.training.worker`.
+The recipe: `vgg.training.loop`; how it runs on Ray Train: `pipeline.ray_train`.
 
 Output (`vgg.artifacts.TrainedNet`): model.pt (the best epoch's weights), history.json,
 learning_curves.png, init.json (which tensors came from the source net).
@@ -24,12 +24,12 @@ from pipeline.dag import TrainInputs, TrainSection
 from pipeline.errors import TrackingServerLost, UserError
 from pipeline.stage import NetToLog, StageContext, StageResult
 from pipeline.storage import write_bytes, write_json
-from vgg.artifacts import HISTORY_FILE, INIT_FILE, MODEL_FILE, DatasetRef, split_dataset
+from vgg.artifacts import HISTORY_FILE, INIT_FILE, MODEL_FILE, DatasetRef, split_dataset, write_model
 from vgg.models import VGG
 from vgg.results.metrics import Health
-from vgg.training.checkpoints import import_weights, initial_model, save_model, write_init_weights
+from vgg.training.checkpoints import import_weights, initial_model, write_init_weights
 from vgg.training.curves import plot_curves
-from vgg.training.worker import (OUTCOME_FILE, RUN_NAME, TrainCallback, WorkerPlan, best_and_last,
+from pipeline.ray_train import (OUTCOME_FILE, RUN_NAME, TrainCallback, WorkerPlan, best_and_last,
                                  has_checkpoint, read_outcome, trainer)
 
 CURVES_FILE = "learning_curves.png"
@@ -139,7 +139,7 @@ def _finish(ctx: StageContext, net: VGG, meta: dict[str, Any], history: dict[str
             params: dict[str, Any], summary: str, datasets: list[DatasetRef]) -> StageResult:
     """Write model.pt, history.json, learning_curves.png; the StageResult (with the net as
     an MLflow model, whatever its size, and the splits it saw as its datasets)."""
-    size, sha = save_model(ctx.out, net, meta)
+    size, sha = write_model(ctx.out, net, meta)
     write_json(ctx.out.fs, ctx.out.join(HISTORY_FILE), history)
     artifacts = [HISTORY_FILE]
     if history["epochs"]:

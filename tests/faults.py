@@ -13,7 +13,7 @@ import time
 import ray
 import ray.cloudpickle
 
-from vgg.training.worker import TrainCallback
+from vgg.training.loop import TrainCallback
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 

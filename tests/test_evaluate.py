@@ -23,7 +23,7 @@ from vgg.data.demo import make_image
 from vgg.data.loaders import build_center_loader
 from vgg.evaluation import shares as E
 from vgg.results.metrics import Posteriors, errors, read_posteriors
-from vgg.data.sharding import shard
+from pipeline.sharding import shard
 from vgg.results.report import build_report
 from vgg.models import build_vgg
 from tests.conftest import write_images

@@ -1,6 +1,7 @@
 """The GPU path: bf16 / channels_last / torch.compile in evaluation, the synthetic GPU
 benchmark's imports, and a CUDA smoke test of the train and evaluate computations
-(skipped without CUDA)."""
+(skipped without CUDA). PyTorch alone: this file runs on a GPU box without Ray, MLflow,
+DALI or pyarrow (tests/test_layout.py runs it so)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,9 @@ import sys
 import pytest
 import torch
 
-from pipeline.config import NetPlan, TrainConfig
-from pipeline.dag import TrainSection
 from vgg.evaluation.scoring import Scorer
-from vgg.training import worker as T
-from vgg.training.steps import Precision
+from vgg.training.loop import FitOptions, TorchDistributed, plain_net, train_one_epoch
+from vgg.training.steps import Precision, sgd_step
 from vgg.models import build_vgg
 from tests.conftest import ROOT
 from tests.test_vgg import lively
@@ -39,7 +38,7 @@ def test_bf16_channels_last_posteriors_stay_close_to_fp32():
 def test_a_compiled_net_checkpoints_with_plain_keys():
     net = build_vgg("A", num_classes=10, width=0.125, crop=32)
     compiled = torch.compile(net)  # wrapping compiles nothing yet
-    assert list(T._unwrap(compiled).state_dict()) == list(net.state_dict())
+    assert list(plain_net(compiled).state_dict()) == list(net.state_dict())
     assert any(k.startswith("_orig_mod.") for k in compiled.state_dict())
 
 
@@ -59,7 +58,7 @@ def test_synthetic_gpu_benchmark_needs_no_dali_ray_or_mlflow():
 
 
 class MemoryBatches:
-    """A test harness standing in for the DALI loader: the same few batches every epoch."""
+    """A test harness standing in for a training loader: the same few batches every epoch."""
 
     def __init__(self, batches):
         self.batches = batches
@@ -90,33 +89,32 @@ def test_cuda_smoke_train_epoch_checkpoint_and_scoring():
     dist.init_process_group("nccl", rank=0, world_size=1)
     try:
         device = torch.device("cuda", 0)
-        t = TrainConfig(batch_size=8, width=0.25, num_workers=1, bf16=True, channels_last=True, log_every=0)
-        plan = T.WorkerPlan("train/smoke", TrainSection(t, NetPlan(arch="A", scale=40), "smoke"),
-                            "", {"crop": 32}, 10, "", 2, "", "")
+        opts = FitOptions(epochs=2, num_classes=10, per_worker_batch=8, log_every=0, name="train/smoke",
+                          precision=Precision(bf16=True, channels_last=True), crop=32)
         g = torch.Generator().manual_seed(0)
         batches = [(torch.randn(8, 3, 32, 32, generator=g).to(device),
                     torch.randint(0, 10, (8,), generator=g).to(device)) for _ in range(3)]
 
         def fresh():
             torch.manual_seed(0)
-            net = DDP(plan.precision.net(build_vgg("A", num_classes=10, width=0.25, crop=32).to(device)))
+            net = DDP(opts.precision.net(build_vgg("A", num_classes=10, width=0.25, crop=32).to(device)))
             return net, torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
 
         net, opt = fresh()
-        sums, bad = T.train_one_epoch(net, MemoryBatches(batches), opt, 3, 0, plan, device, T.Chief(plan, 0), 0)
+        sums, bad = train_one_epoch(net, MemoryBatches(batches), opt, 3, 0, opts, TorchDistributed(), device)
         assert bad is None and torch.isfinite(sums).all() and sums[1].item() == 24
         buf = io.BytesIO()
-        torch.save({"model": T._unwrap(net).state_dict(), "optimizer": opt.state_dict()}, buf)
+        torch.save({"model": plain_net(net).state_dict(), "optimizer": opt.state_dict()}, buf)
         buf.seek(0)
         state = torch.load(buf, map_location=device, weights_only=True)
         net2, opt2 = fresh()
-        T._unwrap(net2).load_state_dict(state["model"])
+        plain_net(net2).load_state_dict(state["model"])
         opt2.load_state_dict(state["optimizer"])
         for n, o in ((net, opt), (net2, opt2)):
-            T._sgd_step(n, o, *batches[0], plan)
-        for a, b in zip(T._unwrap(net).state_dict().values(), T._unwrap(net2).state_dict().values()):
+            sgd_step(n, o, *batches[0], opts.per_worker_batch, opts.precision)
+        for a, b in zip(plain_net(net).state_dict().values(), plain_net(net2).state_dict().values()):
             assert torch.equal(a, b)
-        scorer = Scorer.of(T._unwrap(net).eval(), Precision(bf16=True, channels_last=True))
+        scorer = Scorer.of(plain_net(net).eval(), Precision(bf16=True, channels_last=True))
         with torch.inference_mode():
             probs = scorer.dense_probs(torch.randn(4, 3, 48, 64, device=device), True)
         assert probs.is_cuda and torch.allclose(probs.sum(1), torch.ones(4, device=device), atol=1e-4)

@@ -13,7 +13,7 @@ from PIL import Image
 from pipeline.config import ShardConfig
 from pipeline.storage import Store
 from vgg.data.folders import DatasetError, list_image_folder
-from vgg.data.sharding import normalise_image, shard
+from pipeline.sharding import normalise_image, shard
 from tests.conftest import write_images
 
 
@@ -199,7 +199,7 @@ def test_odd_names_and_links_are_listed_as_skipped_never_dropped(tmp_path, folde
 
 
 def test_subsample_takes_a_seeded_subset_per_class(folder):
-    from vgg.data.sharding import subsample
+    from pipeline.sharding import subsample
 
     listing = list_image_folder(str(folder))
     small = subsample(listing, {"train": 2, "val": None}, seed=0)

@@ -29,10 +29,12 @@ from tests.faults import HangAfterEpoch, KillAt, RecordRows
 from vgg.artifacts import Augmentation, Shards, TrainedNet, write_augmentation
 from vgg.data import demo as demo_data
 from vgg.data.augmentation import AugmentSpec
-from vgg.data.sharding import shard
+from pipeline.sharding import shard
 from vgg.models import build_vgg
-from vgg.training import worker
-from vgg.training.checkpoints import initial_model, save_model
+from pipeline import ray_train
+from vgg.training import loop
+from vgg.artifacts import write_model
+from vgg.training.checkpoints import initial_model
 from vgg.training.schedule import PlateauSchedule, schedule_of
 from vgg.training.steps import topk_hits
 
@@ -119,7 +121,7 @@ def optimizer(lr: float) -> torch.optim.Optimizer:
 
 
 def checkpoint_state(ctx: Job, epoch: int) -> dict:
-    path = Path(ctx.scratch.path) / worker.RUN_NAME / f"epoch_{epoch:04d}" / worker.STATE_FILE
+    path = Path(ctx.scratch.path) / ray_train.RUN_NAME / f"epoch_{epoch:04d}" / ray_train.STATE_FILE
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
@@ -162,7 +164,7 @@ def test_plateau_schedule_divides_at_the_right_epochs_at_most_three_times():
     for epoch, acc in enumerate(accs[:5]):
         a.step(acc, epoch)
     b = PlateauSchedule(optimizer(0.01), 0.1, 2, 1e-3, 3)
-    b.optimizer.load_state_dict(a.optimizer.state_dict())  # a resume restores both (worker._restore)
+    b.optimizer.load_state_dict(a.optimizer.state_dict())  # a resume restores both (ray_train._restore)
     b.load_state_dict(json.loads(json.dumps(a.state_dict())))
     for epoch, acc in enumerate(accs[5:], 5):
         assert a.step(acc, epoch) == b.step(acc, epoch)
@@ -203,7 +205,7 @@ def test_a_trains_two_epochs_on_two_workers(trained_a, data):
     assert_same_weights(net.state_dict(), checkpoint_state(ctx, best["epoch"])["model"])
 
     # Ray Train kept the best checkpoint and the latest (keep_checkpoints=1)
-    kept = {p.name for p in (Path(ctx.scratch.path) / worker.RUN_NAME).glob("epoch_*")}
+    kept = {p.name for p in (Path(ctx.scratch.path) / ray_train.RUN_NAME).glob("epoch_*")}
     assert kept == {f"epoch_{best['epoch']:04d}", "epoch_0001"}
     last = checkpoint_state(ctx, 1)
     assert {"model", "optimizer", "schedule", "epoch", "progress", "config"} <= last.keys()
@@ -242,7 +244,7 @@ def test_epoch_record_scores_accuracy_and_judges_collapse():
                      torch.bincount(torch.zeros(n, dtype=torch.long), minlength=k).double(),
                      probs.sum(0), (probs * probs).sum(0)])
     train = torch.tensor([4.0, n, 3.0, 8.0], dtype=torch.float64)
-    rec = worker._epoch_record(0, 0.01, train, val, 1.0, 2.0, k)
+    rec = loop.epoch_record(0, 0.01, train, val, 1.0, 2.0, k)
     assert rec["val_top1_acc"] == 0.25 and rec["val_top1_err"] == 0.75
     assert rec["val_top5_err"] is None  # 4 classes: top-5 cannot miss
     assert rec["val_health"]["collapsed"] and rec["val_health"]["classes_predicted"] == 1
@@ -287,7 +289,7 @@ def test_from_a_rest_initialises_the_other_layers(tmp_path, rest):
     t = sec.train
     a_net = build_vgg("A", num_classes=CLASSES, width=t.width, crop=CROP, init="glorot")
     a_out = Store(str(tmp_path)).begin("train/A", "k")
-    save_model(a_out, a_net, {"epoch": 3})
+    write_model(a_out, a_net, {"epoch": 3})
     net, info = initial_model(sec.train, sec.net, CLASSES, CROP, TrainedNet(a_out))
     torch.manual_seed(t.seed)
     ref = build_vgg("B", num_classes=CLASSES, width=t.width, crop=CROP, dropout=t.dropout,
@@ -334,7 +336,7 @@ run(*pickle.load(open(sys.argv[1], "rb")))  # config, inputs, ctx, callbacks
 
 
 def snapshot_has(ctx: Job, checkpoint_dir: str) -> bool:
-    snap = Path(ctx.scratch.path) / worker.RUN_NAME / "checkpoint_manager_snapshot.json"
+    snap = Path(ctx.scratch.path) / ray_train.RUN_NAME / "checkpoint_manager_snapshot.json"
     return snap.exists() and checkpoint_dir in snap.read_text()
 
 

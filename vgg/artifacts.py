@@ -12,8 +12,10 @@ these objects (the runner wires them from the DAG's declarations in
     Fusion        fuse      posteriors/fused.parquet, fusion.json, member_rows.json
     Report        report    tables/*.json, results.md, claims.json, error_vs_depth.png
 
-Light on purpose (no torch, DALI or Ray): the fuse and report stages and the
-runner import it.
+Light on purpose (no torch, DALI, Ray or pyarrow at import): the fuse and report
+stages, the runner and `python -m vgg.ladder` import it. Posteriors are Parquet files
+where pyarrow is installed (every pipeline install), NumPy .npz files elsewhere; both
+are read.
 """
 
 from __future__ import annotations
@@ -23,11 +25,8 @@ import posixpath
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-import pyarrow.fs as pafs
-
-from pipeline.storage import StageOutput, exists, read_bytes, write_bytes, write_json
+from vgg.storage import StageOutput, exists, list_dir, read_bytes, write_bytes, write_json
 from vgg.data.augmentation import AugmentSpec
-from vgg.data.shards import num_rows, split_columns
 from vgg.results.metrics import Health, Posteriors, read_posteriors, write_posteriors
 from vgg.results.tables import EvalRow, FusionRow
 
@@ -103,6 +102,8 @@ class DatasetRef:
 
 def split_dataset(shards: Shards, split: str, context: str) -> DatasetRef:
     """The DatasetRef of a split of `shards` (reads Parquet metadata only)."""
+    from vgg.data.shards import num_rows, split_columns  # pyarrow: Parquet metadata
+
     uri = shards.split(split)
     return DatasetRef(f"shards/{split}", shards.key, uri, num_rows(uri, split),
                       split_columns(uri, split), context)
@@ -167,13 +168,35 @@ class TrainedNet(Artifact):
         return self._json(HISTORY_FILE, "re-run its train stage")
 
 
+def write_model(out: StageOutput, net: VGG, meta: Mapping[str, Any]) -> tuple[int, str]:
+    """model.pt (`vgg.training.checkpoints.model_bytes`) into `out`; -> (bytes, sha256)."""
+    from vgg.training.checkpoints import model_bytes, sha256  # torch, only when a net is saved
+
+    data = model_bytes(net, meta)
+    write_bytes(out.fs, out.join(MODEL_FILE), data)
+    return len(data), sha256(data)
+
+
 # ------------------------------------------------------------------ evaluation
 POSTERIORS_DIR, ROWS_FILE, HEALTH_FILE = "posteriors", "rows.json", "health.json"
 
 
-def posteriors_file(mode: str) -> str:
+POSTERIORS_FORMATS = (".parquet", ".npz")  # vgg.results.metrics.write_posteriors
+
+
+def posteriors_format() -> str:
+    """The posteriors files written here: Parquet (pyarrow, every pipeline install), else
+    NumPy's .npz (a run of the library alone on a machine without pyarrow)."""
+    try:
+        import pyarrow.parquet  # noqa: F401
+    except ImportError:
+        return ".npz"
+    return ".parquet"
+
+
+def posteriors_file(mode: str, ext: str = ".parquet") -> str:
     """Relative path of a mode's posteriors inside an evaluate output."""
-    return posixpath.join(POSTERIORS_DIR, f"{mode}.parquet")
+    return posixpath.join(POSTERIORS_DIR, f"{mode}{ext}")
 
 
 @dataclass(frozen=True)
@@ -191,26 +214,30 @@ class Evaluation(Artifact):
         folder = self.out.join(POSTERIORS_DIR)
         if not exists(self.out.fs, folder):
             return []
-        infos = self.out.fs.get_file_info(pafs.FileSelector(folder))
-        return sorted(i.base_name[: -len(".parquet")] for i in infos if i.base_name.endswith(".parquet"))
+        return sorted({posixpath.splitext(e.base_name)[0] for e in list_dir(self.out.fs, folder)
+                       if posixpath.splitext(e.base_name)[1] in POSTERIORS_FORMATS})
+
+    def _posteriors_file(self, mode: str) -> str | None:
+        return next((f for f in (posteriors_file(mode, ext) for ext in POSTERIORS_FORMATS) if self.has(f)), None)
 
     def has_mode(self, mode: str) -> bool:
-        return self.has(posteriors_file(mode))
+        return self._posteriors_file(mode) is not None
 
     def posteriors(self, mode: str) -> Posteriors:
-        if not self.has_mode(mode):
+        name = self._posteriors_file(mode)
+        if name is None:
             raise MissingArtifact(f"{self.out.uri} has no mode {mode!r}; available modes: "
                                   f"{', '.join(self.modes()) or 'none'}")
-        return read_posteriors(self.out.fs, self.out.join(posteriors_file(mode)))
+        return read_posteriors(self.out.fs, self.out.join(name))
 
 
 def write_evaluation(out: StageOutput, modes: Mapping[str, Posteriors], rows: Sequence[EvalRow],
                      health: Health) -> list[str]:
     """Posteriors of every mode, rows.json and health.json; -> the file names."""
-    files = []
+    files, ext = [], posteriors_format()
     for mode, post in modes.items():
-        write_posteriors(post, out.fs, out.join(posteriors_file(mode)))
-        files.append(posteriors_file(mode))
+        write_posteriors(post, out.fs, out.join(posteriors_file(mode, ext)))
+        files.append(posteriors_file(mode, ext))
     write_json(out.fs, out.join(ROWS_FILE), [dataclasses.asdict(r) for r in rows])
     write_json(out.fs, out.join(HEALTH_FILE), dataclasses.asdict(health))
     return [ROWS_FILE, HEALTH_FILE, *files]
@@ -218,6 +245,7 @@ def write_evaluation(out: StageOutput, modes: Mapping[str, Posteriors], rows: Se
 
 # ------------------------------------------------------------------ fusion
 FUSED_FILE, FUSION_FILE, MEMBER_ROWS_FILE = posixpath.join(POSTERIORS_DIR, "fused.parquet"), "fusion.json", "member_rows.json"
+FUSED_NPZ = posixpath.join(POSTERIORS_DIR, "fused.npz")
 
 
 @dataclass(frozen=True)
@@ -232,15 +260,16 @@ class Fusion(Artifact):
         return [EvalRow(**d) for d in self._json(MEMBER_ROWS_FILE, "re-run the fuse stage")]
 
     def has_posteriors(self) -> bool:
-        return self.has(FUSED_FILE)
+        return self.has(FUSED_FILE) or self.has(FUSED_NPZ)
 
     def posteriors(self) -> Posteriors:
-        self._require(FUSED_FILE, "re-run the fuse stage")
-        return read_posteriors(self.out.fs, self.out.join(FUSED_FILE))
+        name = FUSED_NPZ if self.has(FUSED_NPZ) and not self.has(FUSED_FILE) else FUSED_FILE
+        self._require(name, "re-run the fuse stage")
+        return read_posteriors(self.out.fs, self.out.join(name))
 
 
 def write_fusion(out: StageOutput, fused: Posteriors, row: FusionRow, member_rows: Sequence[EvalRow]) -> list[str]:
-    write_posteriors(fused, out.fs, out.join(FUSED_FILE))
+    write_posteriors(fused, out.fs, out.join(FUSED_FILE if posteriors_format() == ".parquet" else FUSED_NPZ))
     write_json(out.fs, out.join(FUSION_FILE), {"members": list(row.members), "top1": row.top1, "top5": row.top5})
     write_json(out.fs, out.join(MEMBER_ROWS_FILE), [dataclasses.asdict(r) for r in member_rows])
     return [FUSION_FILE, MEMBER_ROWS_FILE]

@@ -20,8 +20,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from pipeline.config import AugmentConfig
-from vgg.data.shards import check_int
+from vgg.config import AugmentConfig
+from vgg.data.sampling import check_int
 
 # Resampling filter -> its radius in source pixels at scale 1 (the decode margin).
 FILTER_RADIUS = {"linear": 1, "cubic": 2, "lanczos3": 3}

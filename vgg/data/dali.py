@@ -36,7 +36,6 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator
 from nvidia.dali.tensors import TensorListCPU
 
 from vgg.data.augmentation import AugmentSpec, center_params, resized_hw, train_params
-from vgg.data.loaders import resolve_device_id
 from vgg.data.shards import (TAG_PARAMS, RowFetcher, ShardIndex, check_int, read_sizes, share_bounds,
                              share_rows, shard_files)
 from vgg.evaluation.scoring import grid_crops
@@ -415,7 +414,8 @@ def build_train_loader(source: str | Path | Sequence[str | Path], spec: AugmentS
     """Training loader for worker ``rank`` of ``world_size`` at scale S or (Smin, Smax).
 
     ``source``: a shard dir (reads ``<dir>/<split>/*.parquet``) or Parquet files.
-    ``device_id``: GPU for "mixed" decoding (None and no CUDA: CPU pipeline).
+    ``device_id``: GPU for "mixed" decoding, None: CPU pipeline (`vgg.data.loaders` resolves
+    it from the spec's device).
     """
     check_int("batch_size", batch_size, 1)
     rng_scale = parse_scale(scale, spec.crop)
@@ -423,7 +423,7 @@ def build_train_loader(source: str | Path | Sequence[str | Path], spec: AugmentS
     index = ShardIndex(shard_files(source, split))
     src = _TrainSource(RowFetcher(index), batch_size, spec, rng_scale, rank, world_size, seed,
                        debug)
-    return TrainLoader(src, spec, batch_size, resolve_device_id(spec, device_id), debug,
+    return TrainLoader(src, spec, batch_size, device_id, debug,
                        start_epoch)
 
 
@@ -446,7 +446,7 @@ def build_eval_loader(source: str | Path | Sequence[str | Path], spec: AugmentSp
     share_bounds(1, rank, world_size)
     fetcher = RowFetcher(ShardIndex(shard_files(source, split)), with_keys=True,
                           copy_rows=mode != "center")
-    dev = resolve_device_id(spec, device_id)
+    dev = device_id
     if mode == "center":
         src = _CenterSource(fetcher, batch_size, spec, q, rank, world_size)
         return EvalLoader(src, _roi_pipeline, spec, batch_size, dev, mode, grid, flips)

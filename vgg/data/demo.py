@@ -12,10 +12,9 @@ import io
 import posixpath
 
 import numpy as np
-import pyarrow.fs as pafs
 from PIL import Image
 
-from pipeline.config import DemoDataConfig
+from vgg.config import DemoDataConfig
 
 # (class name, shape, base RGB colour). Names sort in this order.
 CLASSES = [
@@ -74,7 +73,7 @@ def make_image(label: int, h: int, w: int, rng: np.random.Generator) -> np.ndarr
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def generate(fs: pafs.FileSystem, root: str, cfg: DemoDataConfig) -> int:
+def generate(fs, root: str, cfg: DemoDataConfig) -> int:
     """Write the demo image folder under `root`; returns the number of images."""
     if cfg.num_classes > MAX_CLASSES:
         raise ValueError(f"data.demo.num_classes: at most {MAX_CLASSES} demo classes, got {cfg.num_classes}")

@@ -12,10 +12,9 @@ import os
 import posixpath
 from dataclasses import dataclass
 
-import pyarrow.fs as pafs
 
-from pipeline.errors import UserError
-from pipeline.storage import exists, is_local, resolve_uri
+from vgg.errors import UserError
+from vgg.storage import exists, is_local, resolve_uri
 
 VAL_DIRS = ("val", "test")  # accepted names of the validation split
 #: Values of `data.layout`: an image folder, the official ILSVRC-2012 archives, the Kaggle copy.
@@ -51,7 +50,7 @@ class _Entries:
     problems: list[tuple[str, str]]  # (name, reason) of entries that are neither
 
 
-def _entries(fs: pafs.FileSystem, path: str) -> _Entries:
+def _entries(fs, path: str) -> _Entries:
     """The entries of a folder, hidden ones left out, sorted by name; nothing dropped
     silently. Local folders are read with os.scandir: pyarrow's listing leaves out broken
     links and link loops, and fails on names that are not UTF-8."""
@@ -79,6 +78,8 @@ def _entries(fs: pafs.FileSystem, path: str) -> _Entries:
                 else:
                     problems.append((name, LINK_PROBLEM if e.is_symlink() else "not a regular file"))
     else:
+        import pyarrow.fs as pafs  # a filesystem URI (s3://, gs://, ...)
+
         for i in fs.get_file_info(pafs.FileSelector(path)):
             try:
                 name, full = i.base_name, i.path
@@ -132,17 +133,3 @@ def list_image_folder(root: str) -> Listing:
             skipped += [(key(n), why) for n, why in inside.problems]
         files[split] = sorted(rows)
     return Listing(classes, files, sorted(skipped))
-
-
-def list_dataset(root: str, layout: str = "folders") -> Listing:
-    """List the dataset at `root` in the given layout (`data.layout`, see LAYOUTS);
-    raises DatasetError naming the file."""
-    if layout == "folders":
-        return list_image_folder(root)
-    from vgg.data import imagenet  # imports this module
-
-    if layout == "ilsvrc2012":
-        return imagenet.list_ilsvrc2012(root)
-    if layout == "kaggle":
-        return imagenet.list_kaggle(root)
-    raise DatasetError(f"data.layout: must be one of {list(LAYOUTS)}, got {layout!r}")

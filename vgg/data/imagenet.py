@@ -30,7 +30,7 @@ Archives are read where they are, never extracted: their members are listed once
 `tarfile` and each image is recorded as a byte range of its archive (for a member of a
 per-class tar inside the train tar: the outer member's data offset + the inner member's
 data offset), encoded in the Listing's path as ``tar://<archive path>?offset=N&size=M``
-(`member_path`); `vgg.data.sharding` reads such a path with one seek + read
+(`member_path`); `pipeline.sharding` reads such a path with one seek + read
 (`read_member`) from any Ray worker.
 
 Checks: the devkit's meta.mat must parse; its leaf synsets (num_children == 0) must be
@@ -54,9 +54,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 from urllib.parse import parse_qs
 
-import pyarrow.fs as pafs
-
-from pipeline.storage import exists, is_local, resolve_uri
+from vgg.storage import exists, is_local, resolve_uri
 from vgg.data.folders import DatasetError, Listing, _entries
 
 TRAIN_TAR, VAL_TAR = "ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"
@@ -108,7 +106,7 @@ def parse_member_path(path: str) -> tuple[str, int, int] | None:
     return archive, offset, size
 
 
-def read_member(fs: pafs.FileSystem, path: str) -> bytes:
+def read_member(fs, path: str) -> bytes:
     """The bytes of a `member_path`: one positioned read; OSError if the archive is short."""
     archive, offset, size = parse_member_path(path)
     with fs.open_input_file(archive) as f:
@@ -152,7 +150,7 @@ class _Window(io.RawIOBase):
         return len(data)
 
 
-def _open_random(fs: pafs.FileSystem, path: str):
+def _open_random(fs, path: str):
     """(seekable binary file, its size)."""
     if is_local(fs):
         f = open(path, "rb")

@@ -48,14 +48,19 @@ def resolve_device_id(spec: AugmentSpec, device_id: int | None) -> int | None:
     return device_id
 
 
-def build_train_loader(source, spec: AugmentSpec, scale: Scale, batch_size: int, **kw):
-    """Training loader of `spec.backend` (see `vgg.data.dali.build_train_loader`)."""
-    return backend(spec.backend).build_train_loader(source, spec, scale, batch_size, **kw)
+def build_train_loader(source, spec: AugmentSpec, scale: Scale, batch_size: int, *,
+                       device_id: int | None = None, **kw):
+    """Training loader of `spec.backend` (see `vgg.data.dali.build_train_loader`); `device_id`:
+    the worker's GPU, if any (None: the current CUDA device where spec.device allows)."""
+    return backend(spec.backend).build_train_loader(source, spec, scale, batch_size,
+                                                    device_id=resolve_device_id(spec, device_id), **kw)
 
 
-def build_eval_loader(source, spec: AugmentSpec, q: int, batch_size: int, **kw):
+def build_eval_loader(source, spec: AugmentSpec, q: int, batch_size: int, *,
+                      device_id: int | None = None, **kw):
     """Evaluation loader of `spec.backend` (see `vgg.data.dali.build_eval_loader`)."""
-    return backend(spec.backend).build_eval_loader(source, spec, q, batch_size, **kw)
+    return backend(spec.backend).build_eval_loader(source, spec, q, batch_size,
+                                                   device_id=resolve_device_id(spec, device_id), **kw)
 
 
 def build_center_loader(source, spec: AugmentSpec, q: int, batch_size: int, **kw):

@@ -1,5 +1,5 @@
-"""Reading the Parquet shards: which rows a worker reads in an epoch, and the rows
-themselves, a row group at a time (pyarrow; no DALI, no torch).
+"""Reading the Parquet shards a row group at a time (pyarrow; no DALI, no torch): the
+Parquet adapter of the loaders. Which rows a worker reads in an epoch: `vgg.data.sampling`.
 """
 
 from __future__ import annotations
@@ -13,80 +13,14 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipeline.storage import is_local, resolve_uri, to_uri
+from vgg.data.sampling import TAG_ORDER, TAG_PARAMS, check_int, epoch_order, num_batches, share_bounds, share_rows
+from vgg.storage import is_local, resolve_uri, to_uri
+
+__all__ = ["COLUMNS", "TAG_ORDER", "TAG_PARAMS", "RowFetcher", "ShardIndex", "check_int", "epoch_order",
+           "num_batches", "num_rows", "read_sizes", "share_bounds", "share_rows", "shard_files",
+           "split_columns"]
 
 COLUMNS = ("image", "label", "height", "width", "key")  # what the loaders read
-# Stream tags, so the block order and the per-sample parameters never share
-# random numbers even for equal (seed, epoch).
-TAG_ORDER, TAG_PARAMS = 0, 1
-
-
-def check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-
-
-# --------------------------------------------------------------------------
-# Shares (which rows a worker reads per epoch)
-#
-# Two-level order, so that a rank only reads ~1/world of the row groups and
-# memory is bounded: per epoch, the (file, row_group) blocks are permuted,
-# consecutive runs of ``window_blocks`` blocks form windows, rows are shuffled
-# within each window, and rank r takes the r-th contiguous chunk of that global
-# order (chunk sizes differ by at most one). Rows of one block only ever mix
-# with rows of the few blocks in the same window, so the shard stage should
-# write rows in random order (not sorted by class).
-
-
-def epoch_order(block_sizes: Sequence[int], seed: int, epoch: int,
-                window_blocks: int = 8, shuffle: bool = True) -> np.ndarray:
-    """Global order of all rows (ids = position in file/row-group order) for an epoch."""
-    sizes = np.asarray(block_sizes, np.int64)
-    total = int(sizes.sum())
-    if not shuffle:
-        return np.arange(total, dtype=np.int64)
-    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    rng = np.random.default_rng([seed, epoch, TAG_ORDER])
-    perm = rng.permutation(len(sizes))
-    parts = []
-    for w0 in range(0, len(perm), window_blocks):
-        blocks = perm[w0:w0 + window_blocks]
-        rows = np.concatenate([np.arange(starts[b], starts[b] + sizes[b]) for b in blocks])
-        parts.append(rng.permutation(rows))
-    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
-
-
-def share_bounds(num_rows: int, rank: int, world_size: int) -> tuple[int, int]:
-    """[start, stop) of rank's contiguous chunk; sizes differ by at most one."""
-    check_int("world_size", world_size, 1)
-    if not (isinstance(rank, (int, np.integer)) and 0 <= rank < world_size):
-        raise ValueError(f"rank must be in [0, {world_size}), got {rank!r}")
-    return rank * num_rows // world_size, (rank + 1) * num_rows // world_size
-
-
-def share_rows(num_rows: int, rank: int, world_size: int, seed: int, epoch: int, *,
-               block_sizes: Sequence[int] | None = None, window_blocks: int = 8,
-               shuffle: bool = True) -> np.ndarray:
-    """Row ids rank reads in this epoch, in order. Shares are disjoint and cover the split.
-
-    ``block_sizes`` are the row counts of the (file, row_group) blocks; None
-    means one block (a full shuffle).
-    """
-    sizes = [num_rows] if block_sizes is None else list(block_sizes)
-    if sum(sizes) != num_rows:
-        raise ValueError(f"block_sizes sum to {sum(sizes)}, expected num_rows={num_rows}")
-    lo, hi = share_bounds(num_rows, rank, world_size)
-    return epoch_order(sizes, seed, epoch, window_blocks, shuffle)[lo:hi]
-
-
-def num_batches(num_rows: int, rank: int, world_size: int, batch_size: int) -> int:
-    """Batches per epoch for rank: ceil(share / batch), the partial last batch kept."""
-    check_int("batch_size", batch_size, 1)
-    lo, hi = share_bounds(num_rows, rank, world_size)
-    return -(-(hi - lo) // batch_size)
-
-
-
 # --------------------------------------------------------------------------
 # Reading Parquet shards
 

@@ -17,9 +17,10 @@ from it with `scoring.grid_crops`, exactly what the "multicrop" loader does). Th
 modes are then averages of the per-(method, Q) posteriors.
 
 Distribution: the validation split is cut into `num_workers` contiguous shares
-(the eval loaders' rank/world_size); one Ray task per share loads the model from
-its file URI, evaluates its share at every Q and returns the per-image
-posteriors; the driver concatenates them and sorts by image key, so the result
+(the eval loaders' rank/world_size); one process per share (a Ray task:
+`pipeline.ray_evaluate`; or this one: `evaluate_share` of each rank) loads the model
+from its file URI, evaluates its share at every Q and returns the per-image
+posteriors; `gather` concatenates them and sorts by image key, so the result
 does not depend on the number of workers.
 """
 
@@ -31,13 +32,10 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
-
-import ray
 import torch
 
-from pipeline.config import EvaluateConfig, NetPlan
-from pipeline.stage import Progress
-from pipeline.system_metrics import SystemMetrics, sampling
+from vgg.config import EvaluateConfig, NetPlan
+from vgg.progress import Progress
 from vgg.data.augmentation import AugmentSpec
 from vgg.data.loaders import build_eval_loader
 from vgg.evaluation.scoring import Scorer
@@ -89,7 +87,6 @@ class ShareJob:
     bf16: bool = False
     channels_last: bool = False
     compile: bool = False
-    system_metrics: SystemMetrics | None = None  # where this node's metrics go
 
 
 @dataclass
@@ -119,27 +116,26 @@ def evaluate_share(job: ShareJob) -> ShareResult:
     acc: dict[tuple[str, int], list] = {(m, q): [] for m in job.methods for q in job.qs}
     seconds = dict.fromkeys(("decode", *job.methods), 0.0)
     n_images, progress = 0, None
-    with sampling(job.system_metrics):
-        for q in job.qs:
-            loader = build_eval_loader(job.shards, spec, q, job.batch_size, mode="dense", rank=job.rank,
-                                       world_size=job.world_size, device_id=device_id)
-            if progress is None:  # every Q reads the same share: total = its images x Qs
-                progress = Progress(job.name, f"evaluating (share {job.rank + 1}/{job.world_size})",
-                                    loader.num_samples * len(job.qs), unit="images", active=job.rank == 0)
-            t = time.perf_counter()
-            with torch.inference_mode():
-                for images, labels, keys in loader:  # images (B, 3, H, W), one size per batch
-                    images = images.to(device, non_blocking=True)
-                    seconds["decode"] += _lap(t, device)
-                    labels = labels.cpu().numpy().astype(np.int64)  # the iterator reuses its buffers
-                    for method in job.methods:
-                        t = time.perf_counter()
-                        probs = _METHOD_FNS[method](scorer, images, job)
-                        acc[(method, q)].append((list(keys), labels, probs.cpu().numpy()))
-                        seconds[method] += _lap(t, device)
-                    progress.update(len(keys), f"Q={q}")
+    for q in job.qs:
+        loader = build_eval_loader(job.shards, spec, q, job.batch_size, mode="dense", rank=job.rank,
+                                   world_size=job.world_size, device_id=device_id)
+        if progress is None:  # every Q reads the same share: total = its images x Qs
+            progress = Progress(job.name, f"evaluating (share {job.rank + 1}/{job.world_size})",
+                                loader.num_samples * len(job.qs), unit="images", active=job.rank == 0)
+        t = time.perf_counter()
+        with torch.inference_mode():
+            for images, labels, keys in loader:  # images (B, 3, H, W), one size per batch
+                images = images.to(device, non_blocking=True)
+                seconds["decode"] += _lap(t, device)
+                labels = labels.cpu().numpy().astype(np.int64)  # the iterator reuses its buffers
+                for method in job.methods:
                     t = time.perf_counter()
-            n_images = loader.num_samples
+                    probs = _METHOD_FNS[method](scorer, images, job)
+                    acc[(method, q)].append((list(keys), labels, probs.cpu().numpy()))
+                    seconds[method] += _lap(t, device)
+                progress.update(len(keys), f"Q={q}")
+                t = time.perf_counter()
+        n_images = loader.num_samples
     out = {k: _concat(v) for k, v in acc.items()}
     seconds["total"] = time.perf_counter() - t_start
     return ShareResult(job.rank, out, n_images, seconds)
@@ -189,37 +185,6 @@ def _concat(parts: list) -> tuple[list[str], np.ndarray, np.ndarray]:
 
 
 # ---------------------------------------------------------------- all shares
-def run_shares(job: ShareJob, num_workers: int, cpus_per_worker: float, log=print,
-               every_s: float = 60.0) -> list[ShareResult]:
-    """Evaluate every share in its own Ray task (one GPU each when job.use_gpu), by rank.
-
-    A line per finished share, and one every `every_s` while none finishes; a
-    failed share cancels the others and raises its error.
-    """
-    task = ray.remote(evaluate_share).options(
-        num_cpus=cpus_per_worker, num_gpus=1 if job.use_gpu else 0, name=f"{job.name} share")
-    pending = [task.remote(dataclasses.replace(job, rank=r, world_size=num_workers))
-               for r in range(num_workers)]
-    results: dict[int, ShareResult] = {}
-    t0 = time.monotonic()
-    try:
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1, timeout=every_s)
-            if not done:
-                log(f"{len(results)}/{num_workers} shares done after {time.monotonic() - t0:.0f} s")
-                continue
-            res: ShareResult = ray.get(done[0])
-            results[res.rank] = res
-            log(f"share {res.rank + 1}/{num_workers} done: {res.images} images in "
-                f"{res.seconds['total']:.1f} s; {len(results)}/{num_workers} shares after "
-                f"{time.monotonic() - t0:.1f} s")
-    except BaseException:
-        for ref in pending:
-            ray.cancel(ref)
-        raise
-    return [results[r] for r in range(num_workers)]
-
-
 def gather(results: Sequence[ShareResult], classes: Sequence[str]) -> dict[tuple[str, int], Posteriors]:
     """Concatenate the shares' posteriors per (method, Q), rows sorted by image key."""
     out = {}

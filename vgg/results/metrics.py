@@ -8,8 +8,9 @@ dense and multi-crop, and over nets (fusion, Sec. 4.4). `Posteriors` holds one
 such result per image; `average` is the single averaging operation behind all
 of them; `topk_error` scores it (Sec. 4: top-1 and top-5 error).
 
-File format (`write_posteriors` / `read_posteriors`): one Parquet file, one row
-per image, columns
+File formats (`write_posteriors` / `read_posteriors`, by the file's extension). Parquet
+(`vgg.results.parquet`, what the pipeline's stages write): one file, one row per image,
+columns
 
     key     string                       image key (unique)
     label   int32                        true class index
@@ -19,25 +20,24 @@ and the class names (label order) as JSON in the schema metadata under
 b"classes". Reading also accepts `probs` as list<float32> / large_list<float32>
 with exactly K values per row. Read and write go through Arrow buffers, without
 per-row Python loops (ImageNet val: N = 50,000, K = 1000 is ~200 MB of float32).
+NumPy `.npz` (what a run of the library alone writes where pyarrow is not installed):
+arrays keys, labels, probs, classes and format, the same values.
 """
 
 from __future__ import annotations
 
-import json
+import io
 import posixpath
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 from vgg.paper import within_topk
+from vgg.storage import read_bytes, write_bytes
 
 ROW_SUM_TOL = 1e-3  # rows of `probs` must sum to 1 within this
-FORMAT = "vgg-posteriors/1"  # schema metadata b"format"
+FORMAT = "vgg-posteriors/1"  # the files' format tag (Parquet: schema metadata b"format")
 _N_EXAMPLES = 3  # examples named in an error message
 _CHUNK = 4096  # rows per block in topk_error (bounds the (rows, K) temporaries)
 
@@ -152,56 +152,35 @@ def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
     return x.astype(np.float32)
 
 
-# ------------------------------------------------------------------ Parquet I/O
-def _to_table(post: Posteriors) -> pa.Table:
-    k = post.num_classes
-    probs = pa.FixedSizeListArray.from_arrays(pa.array(post.probs.ravel(), type=pa.float32()), k)
-    meta = {b"classes": json.dumps(post.classes).encode(), b"format": FORMAT.encode()}
-    schema = pa.schema([("key", pa.string()), ("label", pa.int32()),
-                        ("probs", pa.list_(pa.float32(), k))], metadata=meta)
-    return pa.Table.from_arrays(
-        [pa.array(post.keys, type=pa.string()), pa.array(post.labels.astype(np.int32)), probs],
-        schema=schema)
-
-
-def write_posteriors(post: Posteriors, fs: pafs.FileSystem, path: str) -> None:
-    """Write `post` as one Parquet file at `path` on `fs` (format: module docstring)."""
+# ------------------------------------------------------------------ file I/O
+def write_posteriors(post: Posteriors, fs, path: str) -> None:
+    """Write `post` as one file at `path` on `fs` (a `vgg.storage` filesystem): Parquet for
+    a `.parquet` path (needs pyarrow; format: module docstring), NumPy's `.npz` otherwise."""
     parent = posixpath.dirname(path)
     if parent:
         fs.create_dir(parent, recursive=True)
-    pq.write_table(_to_table(post), path, filesystem=fs)
+    if path.endswith(".parquet"):
+        from vgg.results import parquet  # pyarrow, only for Parquet files
+
+        parquet.write_posteriors(fs, path, post.keys, post.labels, post.probs, post.classes)
+        return
+    buf = io.BytesIO()
+    np.savez(buf, keys=np.asarray(post.keys, dtype=str), labels=post.labels.astype(np.int32),
+             probs=post.probs, classes=np.asarray(post.classes, dtype=str), format=np.asarray(FORMAT))
+    write_bytes(fs, path, buf.getvalue())
 
 
-def read_posteriors(fs: pafs.FileSystem, path: str) -> Posteriors:
+def read_posteriors(fs, path: str) -> Posteriors:
     """Read a file written by `write_posteriors` (validated like any Posteriors)."""
-    table = pq.read_table(path, filesystem=fs)
-    missing = {"key", "label", "probs"} - set(table.column_names)
-    if missing:
-        raise ValueError(f"{path}: not a posteriors file, missing columns {sorted(missing)}")
-    meta = table.schema.metadata or {}
-    if b"classes" not in meta:
-        raise ValueError(f"{path}: no b'classes' in the Parquet schema metadata")
-    classes = json.loads(meta[b"classes"])
-    probs = _probs_matrix(table.column("probs").combine_chunks(), len(table), len(classes), path)
-    labels = table.column("label").to_numpy().astype(np.int64)
-    return Posteriors(table.column("key").to_pylist(), labels, probs, classes)
+    if path.endswith(".parquet"):
+        from vgg.results import parquet  # pyarrow, only for Parquet files
 
-
-def _probs_matrix(col: pa.Array, n: int, k: int, path: str) -> np.ndarray:
-    """(n, k) float32 view of a list / fixed-size-list column with k values per row."""
-    if col.null_count:
-        raise ValueError(f"{path}: {col.null_count} rows have null probs")
-    if not pa.types.is_fixed_size_list(col.type):
-        lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
-        if n and (lengths != k).any():
-            i = int(np.flatnonzero(lengths != k)[0])
-            raise ValueError(f"{path}: row {i} has {lengths[i]} probs for {k} classes")
-    elif col.type.list_size != k:
-        raise ValueError(f"{path}: probs has {col.type.list_size} values per row for {k} classes")
-    values = col.flatten()  # respects slicing/offsets, unlike .values
-    if values.null_count:
-        raise ValueError(f"{path}: probs contain {values.null_count} null values")
-    return values.cast(pa.float32()).to_numpy().reshape(n, k)
+        return Posteriors(*parquet.read_posteriors(fs, path))
+    with np.load(io.BytesIO(read_bytes(fs, path)), allow_pickle=False) as z:
+        missing = {"keys", "labels", "probs", "classes"} - set(z.files)
+        if missing:
+            raise ValueError(f"{path}: not a posteriors file, missing arrays {sorted(missing)}")
+        return Posteriors(z["keys"].tolist(), z["labels"].astype(np.int64), z["probs"], z["classes"].tolist())
 
 
 # ------------------------------------------------------------------ errors

@@ -20,7 +20,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from pipeline.config import ReportConfig
+from vgg.config import ReportConfig
 from vgg.artifacts import Evaluation, Fusion
 from vgg.results import claims
 from vgg.results import tables as paper

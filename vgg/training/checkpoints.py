@@ -1,8 +1,8 @@
 """Model files: model.pt (the trained net and what made it), the starting weights of a
 train stage (random, Glorot, from A, from a whole net) and imported torchvision weights.
 
-`save_model` / `load_model` are the only writer and reader of model.pt
-(`vgg.artifacts.TrainedNet` points at it).
+`model_bytes` / `load_model` are the only writer and reader of the model.pt format
+(`vgg.artifacts.write_model` and `TrainedNet` name the file).
 """
 
 from __future__ import annotations
@@ -11,29 +11,38 @@ import hashlib
 import io
 import math
 import posixpath
-from typing import Any, Mapping
+from typing import Any, Mapping, Protocol
 
 import torch
 
-from pipeline.config import NetPlan, TrainConfig
-from pipeline.storage import StageOutput, exists, read_bytes, resolve_uri, write_bytes
-from vgg.artifacts import MODEL_FILE, TrainedNet
+from vgg.config import NetPlan, TrainConfig
+from vgg.storage import StageOutput, exists, read_bytes, resolve_uri, write_bytes
 from vgg.models import VGG, build_vgg, init_from, load_full, map_torchvision_state
 
 INIT_WEIGHTS_FILE = "init_state.pt"  # in the scratch directory: the starting weights
 
 
-def save_model(out: StageOutput, net: VGG, meta: Mapping[str, Any]) -> tuple[int, str]:
-    """Write model.pt = {"state_dict", "arch", "width", "crop", "num_classes", "batch_norm",
-    **meta} into `out`; returns (bytes, sha256)."""
+class SourceNet(Protocol):
+    """A trained net to initialise from (`vgg.artifacts.TrainedNet`, or the ladder's)."""
+
+    uri: str
+
+    def load(self) -> tuple[VGG, dict[str, Any]]: ...
+
+
+def model_bytes(net: VGG, meta: Mapping[str, Any]) -> bytes:
+    """The model.pt format: {"state_dict", "arch", "width", "crop", "num_classes",
+    "batch_norm", **meta}, as torch.save writes it."""
     payload = {"state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
                "arch": net.name, "width": net.width, "crop": net.crop,
                "num_classes": net.num_classes, "batch_norm": net.batch_norm, **meta}
     buf = io.BytesIO()
     torch.save(payload, buf)
-    data = buf.getvalue()
-    write_bytes(out.fs, out.join(MODEL_FILE), data)
-    return len(data), hashlib.sha256(data).hexdigest()
+    return buf.getvalue()
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def load_model(uri: str) -> tuple[VGG, dict[str, Any]]:
@@ -43,7 +52,12 @@ def load_model(uri: str) -> tuple[VGG, dict[str, Any]]:
     batch_norm, classes, net, config, epoch, val_top1_err, val_top5_err.
     """
     fs, path = resolve_uri(uri)
-    payload = torch.load(io.BytesIO(read_bytes(fs, path)), map_location="cpu", weights_only=True)
+    return model_from_bytes(read_bytes(fs, path))
+
+
+def model_from_bytes(data: bytes) -> tuple[VGG, dict[str, Any]]:
+    """(net in eval mode, meta) from the bytes of a model.pt (`load_model`)."""
+    payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     state = payload.pop("state_dict")
     dropout = payload.get("config", {}).get("train", {}).get("dropout", 0.5)
     net = empty_net(payload["arch"], num_classes=payload["num_classes"], width=payload["width"],
@@ -61,7 +75,7 @@ def empty_net(arch: str, **options: Any) -> VGG:
 
 
 def initial_model(t: TrainConfig, net_plan: NetPlan, num_classes: int, crop: int,
-                  source: TrainedNet | None) -> tuple[VGG, dict[str, Any]]:
+                  source: SourceNet | None) -> tuple[VGG, dict[str, Any]]:
     """The net a train stage starts from, and a record of how it was initialised.
 
     "random": N(0, init_std^2) weights, zero biases; "glorot": Xavier-uniform (both seeded

@@ -12,7 +12,7 @@ from typing import Any, Mapping
 import torch
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
-from pipeline.config import NetPlan, TrainConfig
+from vgg.config import NetPlan, TrainConfig
 
 
 class PlateauSchedule:

@@ -1,6 +1,7 @@
-"""Sharding: an image folder -> Parquet shards, class index, RGB statistics.
+"""Sharding with Ray Data (the shard stage's adapter): an image folder -> Parquet shards, class
+index, RGB statistics.
 
-Input: a `vgg.data.folders.Listing` (`list_dataset(root, layout)`: an image folder or
+Input: a `vgg.data.folders.Listing` (`vgg.data.layouts.list_dataset(root, layout)`: an image folder or
 ImageNet's archives, whose images are byte ranges of the archives, read in place).
 Output (under the given output directory)::
 
@@ -41,10 +42,11 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 
-from pipeline.config import ShardConfig
-from pipeline.storage import StageOutput, resolve_uri, write_bytes
+from vgg.config import ShardConfig
+from vgg.storage import StageOutput, resolve_uri, write_bytes
 from vgg.artifacts import CONVERTED_FILE, SKIPPED_FILE, write_shard_index
-from vgg.data.folders import DatasetError, Listing, list_dataset
+from vgg.data.folders import DatasetError, Listing
+from vgg.data.layouts import list_dataset
 from vgg.data.imagenet import TAR_SCHEME, read_member
 
 SHARD_COLUMNS = ["key", "label", "class_name", "image", "height", "width"]
@@ -281,7 +283,7 @@ def subsample(listing: Listing, per_class: dict[str, int | None], seed: int) -> 
 def shard(root: str, out: StageOutput, cfg: ShardConfig, log=print,
           per_class: dict[str, int | None] | None = None, *, layout: str = "folders") -> dict:
     """Shard the dataset at `root`, laid out as `layout` (`data.layout`, see
-    `vgg.data.folders.list_dataset`), into `out` (at most per_class[split] images of each
+    `vgg.data.layouts.list_dataset`), into `out` (at most per_class[split] images of each
     class, see `subsample`); returns the manifest (see the module docstring)."""
     t0 = time.monotonic()
     listing = subsample(list_dataset(root, layout), per_class or {}, cfg.seed)

@@ -1,0 +1,327 @@
+"""Ray Train adapter of the training loop (`vgg.training.loop`): one net as a `TorchTrainer`
+(DDP) job, its checkpoints in Ray's run folder, its epochs logged to MLflow.
+
+How it runs: `train.num_workers` DDP workers (`prepare_model`). Each worker feeds itself
+from its own loader over its share of the training shards (`vgg.data.loaders`, by the
+augment backend; shares differ by at most one image); the global batch `train.batch_size`
+is split across the workers. Every epoch ends with a single-scale centre-crop validation
+(sharded, counts all-reduced) that drives the lr schedule, and a checkpoint (rank 0)
+reported by every rank. Ray Train keeps the best `keep_checkpoints` by validation top-1
+accuracy plus the latest, restarts failed workers from the latest checkpoint
+(`max_failures`), and - because the run lives in the stage's scratch directory under a
+fixed name - resumes an interrupted run at the next epoch.
+
+The loop itself is the library's; this module passes it Ray's services: the process
+group (`TorchDistributed`), the device, a checkpoint sink (`ray.train.report`) and an
+MLflow callback (rank 0).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from pipeline.storage import StageOutput, exists, read_bytes, resolve_uri, write_json
+from pipeline.system_metrics import SystemMetrics, sampling
+from vgg.config import NetPlan, TrainConfig, to_dict
+from vgg.data.augmentation import AugmentSpec
+from vgg.data.loaders import build_center_loader, build_train_loader
+from vgg.paper import single_test_scale
+from vgg.storage import list_dir
+from vgg.training.checkpoints import empty_net, read_weights
+from vgg.training.loop import (EPOCH_METRICS, SCORE, FitOptions, TorchDistributed, TrainCallback,
+                               TrainState, fit, plain_net)
+from vgg.training.schedule import schedule_of
+from vgg.training.steps import Precision
+
+STATE_FILE = "state.pt"  # inside each Ray Train checkpoint
+OUTCOME_FILE = "worker_outcome.json"  # in the scratch directory: see _tell_driver
+RUN_NAME = "ray_train"  # fixed: (scratch dir, name) identifies the run to resume
+
+__all__ = ["OUTCOME_FILE", "RUN_NAME", "STATE_FILE", "TrainCallback", "WorkerPlan", "best_and_last",
+           "has_checkpoint", "read_checkpoint", "read_outcome", "trainer"]
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """Everything a training worker needs (picklable)."""
+
+    stage_id: str
+    section: Any  # the stage's typed section (pipeline.dag.TrainSection): train, net, name
+    shard_dir: str
+    spec: dict[str, Any]  # AugmentSpec.to_dict()
+    num_classes: int
+    init_uri: str  # starting weights (used when there is no checkpoint)
+    epochs: int
+    tracking_uri: str
+    run_id: str
+    callbacks: tuple[TrainCallback, ...] = ()
+    mlflow_env: dict[str, str] = field(default_factory=dict)  # tracking.http_retry_env
+    outcome_uri: str = ""  # where workers leave what the driver must know (_tell_driver)
+    system_metrics: SystemMetrics | None = None  # where each node's system metrics go
+
+    @property
+    def train(self) -> TrainConfig:
+        return self.section.train
+
+    @property
+    def net(self) -> NetPlan:
+        return self.section.net
+
+    @property
+    def wants_rows(self) -> bool:
+        return any(cb.wants_rows for cb in self.callbacks)
+
+    @property
+    def per_worker_batch(self) -> int:
+        return max(1, self.train.batch_size // self.train.num_workers)
+
+    @property
+    def precision(self) -> Precision:
+        return Precision(self.train.bf16, self.train.channels_last)
+
+    def fit_options(self) -> FitOptions:
+        return FitOptions(epochs=self.epochs, num_classes=self.num_classes,
+                          per_worker_batch=self.per_worker_batch, precision=self.precision,
+                          seed=self.train.seed, log_every=self.train.log_every, name=self.stage_id,
+                          crop=self.spec["crop"])
+
+
+class MlflowLogger(TrainCallback):
+    """Rank 0's epoch and step metrics into the stage's MLflow run.
+
+    Through MLflow's asynchronous logging (`log_batch(synchronous=False)`), so training does
+    not wait for the tracking server; `close` waits for them at the end. If the tracking
+    server is lost (each call gives up after mlflow.retry_s), training goes on; `close`
+    says what failed, the driver fails the stage after training, and the rerun resumes and
+    logs the epochs again.
+    """
+
+    def __init__(self, plan: WorkerPlan, rank: int):
+        self.plan, self.active = plan, rank == 0
+        self._client = None
+        self._pending: list = []  # mlflow RunOperations
+        self._failure: str | None = None  # the first failed MLflow call
+
+    def on_epoch_end(self, record: dict[str, Any]) -> None:
+        self.log_epochs([record])
+
+    def on_step_metrics(self, global_step: int, loss: float, lr: float, images_per_s: float) -> None:
+        """Step-level metrics (every train.log_every steps), step = the global step."""
+        now = int(time.time() * 1000)
+        self._log([Metric(k, float(v), now, global_step) for k, v in
+                   (("step_loss", loss), ("step_lr", lr), ("step_images_per_s", images_per_s))])
+
+    def log_epochs(self, records: list[dict[str, Any]]) -> None:
+        """Per-epoch metrics into the stage's MLflow run, step = epoch."""
+        now = int(time.time() * 1000)
+        self._log([Metric(k, float(r[k]), now, r["epoch"]) for r in records for k in EPOCH_METRICS
+                   if r.get(k) is not None])
+
+    def _log(self, metrics: list[Metric]) -> None:
+        if not (self.active and self.plan.run_id and metrics):
+            return
+        self._client = self._client or MlflowClient(self.plan.tracking_uri)
+        for i in range(0, len(metrics), 1000):  # MLflow's batch limit
+            self._pending.append(self._client.log_batch(self.plan.run_id, metrics=metrics[i:i + 1000],
+                                                        synchronous=False))
+
+    def close(self) -> str | None:
+        """Wait for the MLflow calls; -> the first failure, if any (training went on)."""
+        for op in self._pending:
+            try:
+                op.wait()
+            except Exception as e:  # noqa: BLE001 - recorded, and the stage fails after training
+                self._failure = self._failure or f"{type(e).__name__}: {e}"[:500]
+        self._pending.clear()
+        if self._failure and self.active:
+            _say(self.plan, f"WARNING: MLflow logging failed, training went on: {self._failure}")
+        return self._failure
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train worker: restore or initialise, then the library's loop."""
+    plan: WorkerPlan = config["plan"]
+    torch.set_num_threads(max(1, int(plan.train.cpus_per_worker)))  # leave the rest to the decoders
+    os.environ.update(plan.mlflow_env)  # bounded MLflow retries, on this node too
+    with sampling(plan.system_metrics):  # this node's CPU/GPU/memory, while it trains
+        _train(plan)
+
+
+def _train(plan: WorkerPlan) -> None:
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    logger = MlflowLogger(plan, rank)
+    state, start = _restore(plan, device, ctx, logger)
+    loader, val_loader = _loaders(plan, rank, world, device, start)
+    result = fit(state, loader, val_loader, plan.fit_options(), start=start, comm=TorchDistributed(),
+                 device=device, checkpoint=_reporter(plan, rank), callbacks=(logger, *plan.callbacks))
+    if result.diverged is not None and rank == 0:  # the same facts on every rank
+        _tell_driver(plan, {"diverged": result.diverged.where})
+    failure = logger.close()
+    if failure is not None:
+        _tell_driver(plan, {"mlflow_failed": failure})
+
+
+def _restore(plan: WorkerPlan, device: torch.device, ctx, logger: MlflowLogger) -> tuple[TrainState, int]:
+    """(state with the DDP net, first epoch) from the latest checkpoint or the initial weights."""
+    t = plan.train
+    net = empty_net(plan.net.arch, num_classes=plan.num_classes, width=t.width,
+                    crop=plan.spec["crop"], dropout=t.dropout, batch_norm=t.batch_norm)
+    checkpoint = ray.train.get_checkpoint()
+    saved = read_checkpoint(checkpoint) if checkpoint is not None else None
+    net.load_state_dict(read_weights(plan.init_uri) if saved is None else saved["model"])
+    net = plan.precision.net(net)
+    net = ray.train.torch.prepare_model(net)  # DDP (world > 1); broadcasts rank 0's weights
+    if t.compile:  # the whole DDP module, as PyTorch recommends; checkpoints use plain_net(net)
+        net = torch.compile(net)
+    optimizer = torch.optim.SGD(net.parameters(), lr=plan.net.lr, momentum=t.momentum,
+                                weight_decay=t.weight_decay)
+    state = TrainState(net, optimizer, schedule_of(optimizer, t, plan.net))
+    start = 0
+    if saved is not None:
+        state.load_state_dict(saved, with_model=False)
+        start = saved["epoch"] + 1
+        state.progress["resumes"].append({"after_epoch": saved["epoch"], "time": time.time(),
+                                          "mlflow_run_id": plan.run_id})
+        if saved.get("mlflow_run_id") != plan.run_id:  # a new stage run: re-log the past epochs
+            logger.log_epochs(state.progress["history"])
+        if rank_zero(ctx):
+            _say(plan, f"resumed from the checkpoint of epoch {saved['epoch']}")
+    state.progress["workers"] = _placement(ctx, device)
+    return state, start
+
+
+def rank_zero(ctx) -> bool:
+    return ctx.get_world_rank() == 0
+
+
+def read_checkpoint(checkpoint) -> dict[str, Any]:
+    """The state saved by `_reporter` in a Ray Train checkpoint."""
+    with checkpoint.as_directory() as d:
+        return torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+
+
+def _loaders(plan: WorkerPlan, rank: int, world: int, device: torch.device, start: int):
+    """This worker's training loader (its share) and centre-crop validation loader."""
+    spec = AugmentSpec.from_dict(plan.spec)
+    device_id = device.index if device.type == "cuda" else None
+    if device_id is None and spec.device == "auto":
+        spec = dataclasses.replace(spec, device="cpu")  # a CPU worker decodes on its CPU
+    scale = tuple(plan.net.scale) if isinstance(plan.net.scale, list) else plan.net.scale
+    b = plan.per_worker_batch
+    loader = build_train_loader(plan.shard_dir, spec, scale, b, rank=rank, world_size=world,
+                                seed=plan.train.seed, device_id=device_id, start_epoch=start,
+                                debug=plan.wants_rows)
+    val = build_center_loader(plan.shard_dir, spec, single_test_scale(scale, spec.crop), b,
+                              rank=rank, world_size=world, device_id=device_id)
+    return loader, val
+
+
+def _reporter(plan: WorkerPlan, rank: int):
+    """The loop's checkpoint sink: report the epoch on every rank; rank 0 attaches the
+    checkpoint (all ranks hold the same weights and optimizer state). No RNG state: every
+    epoch reseeds from (seed, epoch, rank)."""
+
+    def report(state: TrainState, record: dict[str, Any]) -> None:
+        metrics = {k: record[k] for k in ("epoch", SCORE, "val_top1_err", "val_top5_err", "train_loss", "lr")}
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if rank == 0:
+                saved = {**state.state_dict(), "config": to_dict(plan.section), "mlflow_run_id": plan.run_id}
+                torch.save(saved, os.path.join(tmp, STATE_FILE))
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch_{state.epoch:04d}")
+
+    return report
+
+
+def _tell_driver(plan: WorkerPlan, facts: dict[str, Any]) -> None:
+    """What the driver must know after fit() but Ray Train's Result does not carry (it keeps
+    the metrics of checkpoints only): a file in the stage's scratch directory."""
+    fs, path = resolve_uri(plan.outcome_uri)
+    write_json(fs, path, facts)
+
+
+def _say(plan: WorkerPlan, msg: str) -> None:
+    sys.stderr.write(f"  [{plan.stage_id}] {msg}\n")  # not print(): Ray Train's print patch
+    sys.stderr.flush()
+
+
+def _placement(ctx, device: torch.device) -> list[dict[str, Any]]:
+    """Every rank's node (id, rank) and device, gathered on all ranks."""
+    import torch.distributed as dist
+
+    me = {"rank": ctx.get_world_rank(), "node_rank": ctx.get_node_rank(),
+          "node_id": ray.get_runtime_context().get_node_id(), "device": str(device)}
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return [me]
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, me)
+    return everyone
+
+
+# ---------------------------------------------------------------- the driver's side
+def has_checkpoint(scratch: StageOutput) -> bool:
+    """Whether an earlier run of this stage and key left a Ray Train checkpoint (a resume)."""
+    run = scratch.join(RUN_NAME)
+    if not exists(scratch.fs, run):
+        return False
+    return any(e.base_name.startswith("epoch_") for e in list_dir(scratch.fs, run))
+
+
+def read_outcome(uri: str, remove: bool = True) -> dict[str, Any]:
+    """The workers' `_tell_driver` facts ({} if none); removed once read."""
+    fs, path = resolve_uri(uri)
+    if not exists(fs, path):
+        return {}
+    facts = json.loads(read_bytes(fs, path))
+    if remove:
+        fs.delete_file(path)
+    return facts
+
+
+def trainer(plan: WorkerPlan, scratch: StageOutput) -> TorchTrainer:
+    t = plan.train
+    resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"plan": plan},
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=RUN_NAME,
+            storage_path=scratch.uri,
+            # Ray keeps the best `num_to_keep` by score *and* always the latest.
+            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints,
+                                               checkpoint_score_attribute=SCORE,
+                                               checkpoint_score_order="max"),
+            failure_config=FailureConfig(max_failures=t.max_failures),
+        ),
+    )
+
+
+def best_and_last(result) -> tuple[dict[str, Any], dict[str, Any]]:
+    """States of the best checkpoint (max val top-1 accuracy, the later epoch on ties) and the latest."""
+    if result.checkpoint is None or not result.best_checkpoints:
+        raise RuntimeError(f"the training run left no checkpoint ({result.path})")
+    best_ckpt, _ = max(result.best_checkpoints, key=lambda cm: (cm[1][SCORE], cm[1]["epoch"]))
+    last = read_checkpoint(result.checkpoint)
+    best = last if best_ckpt.path == result.checkpoint.path else read_checkpoint(best_ckpt)
+    return best, last
