@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -105,40 +105,58 @@ def evaluate_share(job: ShareJob) -> ShareResult:
     t_start = time.perf_counter()
     if job.threads:
         torch.set_num_threads(job.threads)
-    bad = set(job.methods) - set(BASE_METHODS)
-    if bad:
-        raise ValueError(f"unknown methods {sorted(bad)}; expected some of {BASE_METHODS}")
     device, device_id, spec = _placement(AugmentSpec.from_dict(job.spec), job.use_gpu)
     net, meta = load_model(job.model_uri)
     net = set_pool_rounding(net, job.pool_rounding).to(device)
     _check_model(net, meta, spec, job)
     scorer = Scorer.of(net, Precision(job.bf16, job.channels_last), job.compile)
-    acc: dict[tuple[str, int], list] = {(m, q): [] for m in job.methods for q in job.qs}
-    seconds = dict.fromkeys(("decode", *job.methods), 0.0)
+
+    def loader(q: int):
+        return build_eval_loader(job.shards, spec, q, job.batch_size, mode="dense", rank=job.rank,
+                                 world_size=job.world_size, device_id=device_id)
+
+    res = score_share(scorer, loader, job.qs, device, methods=job.methods, grid=job.grid, flips=job.flips,
+                      batch_size=job.batch_size, name=job.name, rank=job.rank, world_size=job.world_size)
+    res.seconds["total"] = time.perf_counter() - t_start
+    return res
+
+
+def score_share(scorer: Scorer, loader: Callable[[int], Any], qs: Sequence[int], device: torch.device, *,
+                methods: Sequence[str] = BASE_METHODS, grid: int = 5, flips: bool = True,
+                batch_size: int = 32, name: str = "evaluate", rank: int = 0,
+                world_size: int = 1) -> ShareResult:
+    """Per-(method, Q) posteriors of one share: `loader(q)` gives the share's whole images
+    rescaled to Q (a "dense" evaluation loader of any backend: (images, labels, keys) batches,
+    one size per batch); every method scores the same decoded batch."""
+    t_start = time.perf_counter()
+    bad = set(methods) - set(BASE_METHODS)
+    if bad:
+        raise ValueError(f"unknown methods {sorted(bad)}; expected some of {BASE_METHODS}")
+    acc: dict[tuple[str, int], list] = {(m, q): [] for m in methods for q in qs}
+    seconds = dict.fromkeys(("decode", *methods), 0.0)
     n_images, progress = 0, None
-    for q in job.qs:
-        loader = build_eval_loader(job.shards, spec, q, job.batch_size, mode="dense", rank=job.rank,
-                                   world_size=job.world_size, device_id=device_id)
+    for q in qs:
+        batches = loader(q)
         if progress is None:  # every Q reads the same share: total = its images x Qs
-            progress = Progress(job.name, f"evaluating (share {job.rank + 1}/{job.world_size})",
-                                loader.num_samples * len(job.qs), unit="images", active=job.rank == 0)
+            progress = Progress(name, f"evaluating (share {rank + 1}/{world_size})",
+                                batches.num_samples * len(qs), unit="images", active=rank == 0)
         t = time.perf_counter()
-        with torch.inference_mode():
-            for images, labels, keys in loader:  # images (B, 3, H, W), one size per batch
+        with torch.no_grad():  # not inference_mode: a compiled scorer must see one dispatch key set
+            for images, labels, keys in batches:  # images (B, 3, H, W), one size per batch
                 images = images.to(device, non_blocking=True)
                 seconds["decode"] += _lap(t, device)
                 labels = labels.cpu().numpy().astype(np.int64)  # the iterator reuses its buffers
-                for method in job.methods:
+                for method in methods:
                     t = time.perf_counter()
-                    probs = _METHOD_FNS[method](scorer, images, job)
+                    probs = _score(scorer, method, images, grid, flips, batch_size)
                     acc[(method, q)].append((list(keys), labels, probs.cpu().numpy()))
                     seconds[method] += _lap(t, device)
                 progress.update(len(keys), f"Q={q}")
                 t = time.perf_counter()
-        n_images = loader.num_samples
+        n_images = batches.num_samples
     out = {k: _concat(v) for k, v in acc.items()}
     seconds["total"] = time.perf_counter() - t_start
-    return ShareResult(job.rank, out, n_images, seconds)
+    return ShareResult(rank, out, n_images, seconds)
 
 
 def _placement(spec, use_gpu: bool) -> tuple[torch.device, int | None, Any]:
@@ -170,11 +188,12 @@ def _lap(t0: float, device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-_METHOD_FNS = {  # method -> (scorer, images (B, 3, H, W), job) -> (B, K) posteriors
-    "dense": lambda scorer, images, job: scorer.dense_probs(images, job.flips),
-    "multi-crop": lambda scorer, images, job: scorer.multicrop_probs(images, job.grid, job.flips,
-                                                                     job.batch_size),
-}
+def _score(scorer: Scorer, method: str, images: torch.Tensor, grid: int, flips: bool,
+           batch_size: int) -> torch.Tensor:
+    """(B, 3, H, W) -> (B, K) posteriors of one method."""
+    if method == "dense":
+        return scorer.dense_probs(images, flips)
+    return scorer.multicrop_probs(images, grid, flips, batch_size)
 
 
 def _concat(parts: list) -> tuple[list[str], np.ndarray, np.ndarray]:
