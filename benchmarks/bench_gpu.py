@@ -50,19 +50,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vgg.evaluation.scoring import Scorer  # noqa: E402
-from vgg.training.steps import Precision, sgd_step  # noqa: E402
+from vgg.training.steps import Precision, peak_tflops, sgd_step  # noqa: E402
 from vgg.models import build_vgg, forward_macs  # noqa: E402
-
-#: Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, from the vendors' data sheets.
-PEAK_BF16_TFLOPS = {"H100 80GB HBM3": 989.4, "H100 SXM": 989.4, "H100 PCIe": 756.0,
-                    "H100 NVL": 835.0, "H200": 989.4, "A100": 312.0}
-
-
-def peak_tflops(name: str) -> float | None:
-    """The table's peak for a CUDA device name (longest matching key), or None."""
-    hits = [k for k in PEAK_BF16_TFLOPS if k in name]
-    return PEAK_BF16_TFLOPS[max(hits, key=len)] if hits else None
-
 
 def make_data(args, work: Path) -> tuple[str, dict]:
     """(shard dir, stats) of --data or of a generated folder, sharded by the shard stage."""

@@ -56,3 +56,23 @@ def sgd_step(net: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Ten
     with torch.no_grad():
         n = torch.tensor(float(len(labels)), dtype=torch.float64, device=images.device)
         return torch.stack([loss_sum.detach().double(), n, *topk_hits(logits.detach().float(), labels)])
+
+
+# ---------------------------------------------------------------- utilisation
+#: Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, from the vendors' data sheets.
+PEAK_BF16_TFLOPS = {"H100 80GB HBM3": 989.4, "H100 SXM": 989.4, "H100 PCIe": 756.0,
+                    "H100 NVL": 835.0, "H200": 989.4, "A100": 312.0}
+
+
+def peak_tflops(name: str) -> float | None:
+    """The table's peak for a CUDA device name (longest matching key), or None."""
+    hits = [k for k in PEAK_BF16_TFLOPS if k in name]
+    return PEAK_BF16_TFLOPS[max(hits, key=len)] if hits else None
+
+
+def mfu(images_per_s: float, forward_macs: int, device_name: str) -> float | None:
+    """Model FLOP utilisation of training: 6 x forward MACs (forward 2, backward 4 FLOPs per
+    MAC) x images/s over the device's bf16 peak; None where the peak is not known."""
+    peak = peak_tflops(device_name)
+    return None if peak is None else 6 * forward_macs * images_per_s / (peak * 1e12)
+
