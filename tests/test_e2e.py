@@ -265,3 +265,17 @@ def test_mlflow_ui_shows_the_runs_dataset_model_and_results_in_a_browser(demo, t
     # the parent run's Table 3, as a table: the first top-1 error as the UI prints it
     lines = results.splitlines()
     assert "top-1" in lines and browser.js_text(top1) in lines, (top1, lines)
+
+
+@pytest.mark.slow
+def test_the_whole_default_runs_with_the_torch_backend(ray_session, tmp_path):
+    """`python pipeline/run.py --set augment.backend=torch`: every stage of the default plan
+    with torchvision's decoding and torch's augmentation instead of DALI."""
+    work = tmp_path / "work"
+    assert main(["--config", str(DEMO), "--set", f"work_dir={work}", *E2E, "augment.backend=torch"]) == 0
+    cfg = load_config(DEMO, [f"work_dir={work}", *E2E, "augment.backend=torch"])
+    kinds = {r.data.tags["stage"] for r in stage_runs(cfg)}
+    assert kinds == {"shard", "augment", "train", "evaluate", "fuse", "report"}
+    spec = json.loads(next((work / "stages" / "augment").glob("*/spec.json")).read_text())
+    assert spec["backend"] == "torch"
+    assert next((work / "stages" / "report").glob("*/results.md")).read_text().startswith("#")
