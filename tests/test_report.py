@@ -184,7 +184,29 @@ def test_collapse_detector_on_a_constant_net_and_a_healthy_one():
 
     assert health_of(prediction_stats(only(3))).collapsed
     assert "only 3 of 5 classes" in health_of(prediction_stats(only(3))).reason
-    assert not health_of(prediction_stats(only(4))).collapsed
+    # four of five (issue 26's D at 21%: class 3 never predicted): a partial collapse
+    four = health_of(prediction_stats(only(4)))
+    assert four.collapsed and four.classes_predicted == 4 and four.rarest_class_share == 0.0
+    assert four.reason == "class 4 is almost never predicted (fewer than 25% of the 40 images a class would get)"
+
+
+def test_a_class_almost_never_predicted_is_a_partial_collapse_and_a_weak_one_is_not():
+    k, n = 5, 200
+    labels = np.arange(n) % k
+
+    def net_predicting(counts: list[int]) -> np.ndarray:
+        pred = np.repeat(np.arange(k), counts)
+        probs = np.full((n, k), 0.05, np.float32)
+        probs[np.arange(n), pred] = 0.8
+        return probs
+
+    # fair share 40 per class; 9 predictions of class 2 (< 25% of 40 = 10) is "almost never"
+    bad = health_of(prediction_stats(net_predicting([60, 51, 9, 40, 40])))
+    assert bad.collapsed and "class 2 is almost never predicted" in bad.reason
+    assert "COLLAPSED" in bad.describe() and "0.23 of its fair share" in bad.describe()
+    # a weak class still predicted 10 times, or a skewed but complete net: healthy
+    assert not health_of(prediction_stats(net_predicting([60, 50, 10, 40, 40]))).collapsed
+    assert not health_of(prediction_stats(net_predicting([30, 50, 40, 40, 40]))).collapsed
 
 
 def test_prediction_stats_of_shares_add_up():
