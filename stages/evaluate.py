@@ -70,7 +70,8 @@ def run(config: EvaluateSection, inputs: EvaluateInputs, ctx: StageContext) -> S
         artifacts=[rows_file, health_file, *(posteriors if size <= LOG_POSTERIORS_MAX_BYTES else [])],
         manifest={"modes": list(MODES), "posteriors": dict(zip(MODES, posteriors)),
                   "images": n_val, "classes": classes, "q_single": q_single, "q_multi": q_multi,
-                  "workers": workers, "model_uri": model_uri, "health": dataclasses.asdict(h)},
+                  "workers": workers, "model_uri": model_uri, "health": dataclasses.asdict(h),
+                  "crop": spec.crop},  # the report names the crop where dense is distorted
         datasets=[split_dataset(inputs.shards, "val", "evaluation")],
         summary=(f"{n_val} images; best {best.mode}: top-1 {best.top1:.1f}%"
                  + (f", top-5 {best.top5:.1f}%" if best.top5 is not None else "")

@@ -29,6 +29,8 @@ def run(config: ReportSection, inputs: ReportInputs, ctx: StageContext) -> Stage
                                  [dataclasses.asdict(r) for r in report.claims], f.read())
     metrics, tags = claims.metrics_and_tags(report.claims) if report.claims else ({}, {})
     tags["collapsed_nets"] = ", ".join(report.collapsed) or "none"
+    tags["dense_distorted"] = "; ".join(f"{k}: {v}" for k, v in report.distorted.items()) or "no"
+    tags["compare_mode"] = report.compare_mode
     verdicts = claims.summary(report.claims) if report.claims else {}
     return StageResult(
         metrics=metrics,
@@ -36,7 +38,8 @@ def run(config: ReportSection, inputs: ReportInputs, ctx: StageContext) -> Stage
         tables=report.tables,
         artifacts=files,
         manifest={"tables": sorted(report.tables), "claims": {str(k): v for k, v in verdicts.items()},
-                  "collapsed": report.collapsed},
+                  "collapsed": report.collapsed, "dense_distorted": report.distorted,
+                  "compare_mode": report.compare_mode},
         summary=("claims: " + ", ".join(f"{k} {v}" for k, v in verdicts.items())) if verdicts
         else "tables built (no posteriors: no intervals, no claims)",
     )
