@@ -17,6 +17,7 @@ from pipeline.stage import StageContext, StageResult
 from vgg.artifacts import write_report
 from vgg.results import claims
 from vgg.results.report import build_report
+from vgg.results.tables import display
 
 
 def run(config: ReportSection, inputs: ReportInputs, ctx: StageContext) -> StageResult:
@@ -35,7 +36,7 @@ def run(config: ReportSection, inputs: ReportInputs, ctx: StageContext) -> Stage
     return StageResult(
         metrics=metrics,
         tags=tags,
-        tables=report.tables,
+        tables={name: display(t) for name, t in report.tables.items()},  # files keep full precision
         artifacts=files,
         manifest={"tables": sorted(report.tables), "claims": {str(k): v for k, v in verdicts.items()},
                   "collapsed": report.collapsed, "dense_distorted": report.distorted,

@@ -167,7 +167,7 @@ def build_report(evaluations: Mapping[str, Evaluation], fusion: Fusion | None = 
     if judged:
         tables["claims.json"] = claims.table(judged)
     if png_path is not None:
-        paper.plot_error_vs_depth(rows, os.fspath(png_path))
+        paper.plot_error_vs_depth(rows, os.fspath(png_path), [mode])  # the mode the claims compare in
     md = _markdown(tables, judged, collapsed, cfg, hits, distorted, mode, mode_health, crop_of(evaluations))
     return ReportContent(tables, md, judged, collapsed, distorted, mode)
 
