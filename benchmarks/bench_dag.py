@@ -5,7 +5,8 @@
                                                       # simulated multi-node cluster
 
 `demo`: `pipeline/run.py` on its embedded default twice (fresh work_dirs, one after the
-other), with `pipeline.max_parallel_stages=1` and without a limit.
+other), with `pipeline.max_parallel_stages=1` and with `--vs` (default `auto`, the
+default; `null`: no limit).
 
 `paper`: the paper's plan shape (A; B, C, D, E from A; each one's larger-S and jittered
 successor from it; every net evaluated; a D+E fusion; the report) at toy sizes (tiny
@@ -51,7 +52,8 @@ def paper_plan() -> list[str]:
 def demo(args) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench_dag_"))
     walls = {}
-    for mode, limit in (("serial", "1"), ("concurrent", "null")):
+    print(f"load average before: {os.getloadavg()}")
+    for mode, limit in (("serial", "1"), (args.vs, args.vs)):
         cmd = [sys.executable, str(ROOT / "pipeline" / "run.py"), "--set", f"work_dir={tmp / mode}",
                f"pipeline.max_parallel_stages={limit}"]
         t0 = time.monotonic()
@@ -62,7 +64,7 @@ def demo(args) -> None:
         print(f"{mode:>10}: {walls[mode]:6.1f} s  (pipeline/run.py, max_parallel_stages={limit})")
         print("\n".join(line for line in done.stdout.splitlines()
                         if line.split()[:1] and line.split()[0] in _stage_ids()))
-    print(f"concurrent / serial: {walls['concurrent'] / walls['serial']:.2f}")
+    print(f"{args.vs} / serial: {walls[args.vs] / walls['serial']:.2f}")
     print(f"load average after: {os.getloadavg()}")
 
 
@@ -120,6 +122,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["demo", "paper"])
     p.add_argument("--nodes", type=int, default=4, help="simulated 1-CPU nodes (paper)")
+    p.add_argument("--vs", default="auto", choices=["auto", "null"],
+                   help="demo: max_parallel_stages to compare with 1 (default: auto, the default)")
     args = p.parse_args()
     (demo if args.what == "demo" else paper)(args)
 

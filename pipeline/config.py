@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Literal
 
 from vgg.config import (WORKFLOW_KEYS, AugmentConfig, ConfigError, DataConfig, DemoDataConfig,
                         EvaluateConfig, ExperimentConfig, FuseConfig, NetPlan, ReportConfig,
@@ -62,8 +63,12 @@ class PipelineOptions:
     #: Stages running at once, each as a Ray task that holds no resources itself: its Ray
     #: Train or Ray Data job waits for what it needs, so stages that do not fit wait their
     #: turn. None: no limit beyond the cluster's resources. 1: one stage after the other,
-    #: in this process.
-    max_parallel_stages: int | None = None
+    #: in this process. "auto" (default): on a cluster, as None; on one machine, stages
+    #: start together only when its CPUs (and GPUs) cover what all of them ask for, and
+    #: one after the other in this process when no two independent stages ever fit
+    #: (`pipeline.scheduler.auto_parallel`): two stages sharing two cores ran slower
+    #: than the same stages one by one.
+    max_parallel_stages: int | Literal["auto"] | None = "auto"
 
 
 @dataclass
@@ -85,7 +90,7 @@ def validate(cfg: PipelineConfig) -> None:
     _check(bool(cfg.work_dir), "work_dir", "must not be empty")
     _check(bool(cfg.experiment), "experiment", "must not be empty")
     n = cfg.pipeline.max_parallel_stages
-    _check(n is None or n >= 1, "pipeline.max_parallel_stages", f"must be >= 1 (or null: no limit), got {n}")
+    _check(n is None or n == "auto" or n >= 1, "pipeline.max_parallel_stages", f"must be >= 1, auto, or null (no limit), got {n}")
     _check(cfg.mlflow.retry_s >= 5, "mlflow.retry_s", f"must be >= 5 seconds, got {cfg.mlflow.retry_s}")
     _check(cfg.mlflow.system_metrics_interval_s >= 1, "mlflow.system_metrics_interval_s",
            f"must be >= 1 second, got {cfg.mlflow.system_metrics_interval_s}")

@@ -6,6 +6,10 @@ stage must not hold what its own Ray Train or Ray Data job needs. The job inside
 its workers' resources and waits for them, so on a small machine stages that do not fit
 wait their turn and nothing deadlocks. `pipeline.max_parallel_stages` caps the stages
 in flight; with 1 the stages run one after the other in this process, as before.
+With "auto" (the default) a single machine runs stages together only when its CPUs and
+GPUs cover what all of them ask for (`demand`), and runs them one by one in this process
+when no two independent stages of the plan ever fit (`auto_parallel`): on two cores the
+demo ran 331 s with stages overlapping, 290 s one by one. A cluster is unchanged.
 
 A failed stage blocks its downstream stages (recorded as blocked, naming it);
 independent branches run to completion. Completions arrive through `ray.wait` on the
@@ -42,8 +46,11 @@ def schedule(dag: dict[str, StageSpec], selected: list[str], make_job: Callable[
     limit) as Ray tasks when `use_ray`, else one after the other in this process.
     `make_job(sid)` is called once its upstream stages are done; `on_done(sid)` after it
     ran or was reused."""
+    capacity = None
+    if max_parallel == AUTO:
+        max_parallel, capacity = auto_parallel(dag, selected, use_ray)
     concurrent = use_ray and (max_parallel is None or max_parallel > 1)
-    run = _Concurrent(max_parallel) if concurrent else _Serial()
+    run = _Concurrent(max_parallel, capacity) if concurrent else _Serial()
     records: dict[str, StageRecord] = {}
     failures: list[tuple[str, BaseException]] = []
     waiting = list(selected)
@@ -59,7 +66,7 @@ def schedule(dag: dict[str, StageSpec], selected: list[str], make_job: Callable[
                     records[sid] = StageRecord(sid, dag[sid].kind, "", "blocked", 0.0, started=now, ended=now,
                                                note=why)
                     say(f"  [{sid}] blocked: {why} failed")
-                elif all(u in records for u in ups) and run.has_room():
+                elif all(u in records for u in ups) and run.has_room(demand(dag[sid])):
                     waiting.remove(sid)
                     run.start(sid, make_job(sid))
             if not run.busy:
@@ -83,6 +90,58 @@ def schedule(dag: dict[str, StageSpec], selected: list[str], make_job: Callable[
     return Outcome([records[s] for s in selected if s in records], failures)
 
 
+AUTO = "auto"
+
+
+def demand(spec: StageSpec) -> tuple[float, float]:
+    """(CPUs, GPUs) a stage asks the cluster for: its Ray Train workers (train) or its
+    evaluation shares (evaluate); one CPU for a stage that works in its own process
+    (shard, augment, fuse, report): it needs a core to do that work, Ray or not."""
+    section = spec.section
+    for name in ("train", "evaluate"):
+        cfg = getattr(section, name, None)
+        if cfg is not None and hasattr(cfg, "num_workers"):
+            return (cfg.num_workers * cfg.cpus_per_worker,
+                    float(cfg.num_workers) if getattr(cfg, "use_gpu", False) else 0.0)
+    return 1.0, 0.0
+
+
+def _fits(demands: list[tuple[float, float]], capacity: tuple[float, float]) -> bool:
+    return all(sum(d[i] for d in demands) <= capacity[i] + 1e-9 for i in range(2))
+
+
+def auto_parallel(dag: dict[str, StageSpec], selected: list[str], use_ray: bool,
+                  nodes: int | None = None, capacity: tuple[float, float] | None = None
+                  ) -> tuple[int | None, tuple[float, float] | None]:
+    """`max_parallel_stages: auto` -> (the cap, the resources stages must fit in, or None).
+
+    A cluster (more than one alive node): (None, None), no cap, as before. One machine:
+    (1, None), one by one in this process, when no two selected stages that could run at
+    once (neither upstream of the other) fit in its CPUs and GPUs together; else (None,
+    its CPUs and GPUs), and a stage starts only while everything in flight still fits.
+    `nodes` and `capacity` default to Ray's view of the running cluster."""
+    if not use_ray:
+        return 1, None
+    if nodes is None or capacity is None:
+        import ray
+
+        nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+        res = ray.cluster_resources()
+        capacity = (float(res.get("CPU", 0.0)), float(res.get("GPU", 0.0)))
+    if nodes > 1:
+        return None, None
+    ancestors: dict[str, set[str]] = {}
+    for sid in dag:  # dag is in topological order
+        ancestors[sid] = set().union(*({u} | ancestors.get(u, set()) for u in dag[sid].upstream)) \
+            if dag[sid].upstream else set()
+    chosen = [s for s in dag if s in selected]
+    for i, a in enumerate(chosen):
+        for b in chosen[i + 1:]:
+            if a not in ancestors[b] and b not in ancestors[a] and _fits([demand(dag[a]), demand(dag[b])], capacity):
+                return None, capacity
+    return 1, None
+
+
 class _Serial:
     """One stage at a time, in this process."""
 
@@ -94,7 +153,7 @@ class _Serial:
     def busy(self) -> bool:
         return bool(self.pending)
 
-    def has_room(self) -> bool:
+    def has_room(self, need: tuple[float, float] = (0.0, 0.0)) -> bool:
         return not self.pending
 
     def start(self, sid: str, job: StageJob) -> None:
@@ -117,21 +176,26 @@ class _Serial:
 class _Concurrent:
     """Stages as Ray tasks holding no resources; completions through ray.wait."""
 
-    def __init__(self, max_parallel: int | None):
+    def __init__(self, max_parallel: int | None, capacity: tuple[float, float] | None = None):
         import ray
 
-        self.ray, self.max_parallel = ray, max_parallel
+        self.ray, self.max_parallel, self.capacity = ray, max_parallel, capacity
         self.task = ray.remote(stage_task)
         self.refs: dict = {}  # ObjectRef -> stage id
         self.reused: list[tuple[str, StageRecord, None]] = []
         self.started: dict[str, float] = {}
+        self.demands: dict[str, tuple[float, float]] = {}  # stage id in flight -> its demand
 
     @property
     def busy(self) -> bool:
         return bool(self.refs or self.reused)
 
-    def has_room(self) -> bool:
-        return self.max_parallel is None or len(self.refs) < self.max_parallel
+    def has_room(self, need: tuple[float, float] = (0.0, 0.0)) -> bool:
+        if self.max_parallel is not None and len(self.refs) >= self.max_parallel:
+            return False
+        # with a capacity (auto, one machine): everything in flight must fit; a stage that
+        # asks for more than the machine has still runs, alone (its job waits as before)
+        return self.capacity is None or not self.refs or _fits([*self.demands.values(), need], self.capacity)
 
     def start(self, sid: str, job: StageJob) -> None:
         store = Store(job.work_dir)
@@ -139,6 +203,7 @@ class _Concurrent:
             self.reused.append((sid, reuse(store, job.spec, job.key), None))
             return
         self.started[sid] = time.time()
+        self.demands[sid] = demand(job.spec)
         task = self.task.options(num_cpus=0, max_retries=0, name=f"stage {sid}")
         self.refs[task.remote(job)] = sid
 
@@ -147,6 +212,7 @@ class _Concurrent:
             return self.reused.pop(0)
         (ref,), _ = self.ray.wait(list(self.refs), num_returns=1)
         sid = self.refs.pop(ref)
+        self.demands.pop(sid, None)
         try:
             return sid, self.ray.get(ref), None
         except self.ray.exceptions.RayTaskError as e:

@@ -20,6 +20,7 @@ from vgg.evaluation.shares import (ShareJob, combine_modes, error_table, eval_ro
 from vgg.data.shards import num_rows
 from vgg.paper import MODES
 from vgg.results.metrics import health
+from vgg.results.tables import display
 
 # Posteriors files are also logged to MLflow when they are this small in all (demo runs).
 LOG_POSTERIORS_MAX_BYTES = 16 << 20
@@ -66,12 +67,14 @@ def run(config: EvaluateSection, inputs: EvaluateInputs, ctx: StageContext) -> S
         params={"q_single": q_single, "q_multi": q_multi, "workers": workers,
                 "crops_per_scale": cfg.grid * cfg.grid * (2 if cfg.flips else 1),
                 "model_uri": model_uri},
-        tables={"errors.json": table, "errors_per_q.json": q_table},
+        # for display (one decimal); rows.json, the metrics and the posteriors keep full precision
+        tables={"errors.json": display(table), "errors_per_q.json": display(q_table)},
         tags={"collapsed": str(h.collapsed).lower(), "health": h.describe()},
         artifacts=[rows_file, health_file, *(posteriors if size <= LOG_POSTERIORS_MAX_BYTES else [])],
         manifest={"modes": list(MODES), "posteriors": dict(zip(MODES, posteriors)),
                   "images": n_val, "classes": classes, "q_single": q_single, "q_multi": q_multi,
-                  "workers": workers, "model_uri": model_uri, "health": dataclasses.asdict(h)},
+                  "workers": workers, "model_uri": model_uri, "health": dataclasses.asdict(h),
+                  "crop": spec.crop},  # the report names the crop where dense is distorted
         datasets=[split_dataset(inputs.shards, "val", "evaluation")],
         summary=(f"{n_val} images; best {best.mode}: top-1 {best.top1:.1f}%"
                  + (f", top-5 {best.top5:.1f}%" if best.top5 is not None else "")

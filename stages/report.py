@@ -17,6 +17,7 @@ from pipeline.stage import StageContext, StageResult
 from vgg.artifacts import write_report
 from vgg.results import claims
 from vgg.results.report import build_report
+from vgg.results.tables import display
 
 
 def run(config: ReportSection, inputs: ReportInputs, ctx: StageContext) -> StageResult:
@@ -29,14 +30,17 @@ def run(config: ReportSection, inputs: ReportInputs, ctx: StageContext) -> Stage
                                  [dataclasses.asdict(r) for r in report.claims], f.read())
     metrics, tags = claims.metrics_and_tags(report.claims) if report.claims else ({}, {})
     tags["collapsed_nets"] = ", ".join(report.collapsed) or "none"
+    tags["dense_distorted"] = "; ".join(f"{k}: {v}" for k, v in report.distorted.items()) or "no"
+    tags["compare_mode"] = report.compare_mode
     verdicts = claims.summary(report.claims) if report.claims else {}
     return StageResult(
         metrics=metrics,
         tags=tags,
-        tables=report.tables,
+        tables={name: display(t) for name, t in report.tables.items()},  # files keep full precision
         artifacts=files,
         manifest={"tables": sorted(report.tables), "claims": {str(k): v for k, v in verdicts.items()},
-                  "collapsed": report.collapsed},
+                  "collapsed": report.collapsed, "dense_distorted": report.distorted,
+                  "compare_mode": report.compare_mode},
         summary=("claims: " + ", ".join(f"{k} {v}" for k, v in verdicts.items())) if verdicts
         else "tables built (no posteriors: no intervals, no claims)",
     )

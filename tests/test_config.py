@@ -111,11 +111,12 @@ train:
     ("{from_A: train/A}", None),
     ("{rest: glorot, from_A: train/A}", None),
     ("{from_A: train/A, rest: random}", None),
+    ("{from_A: train/A, rest: he}", None),
     ("kaiming", r"train\.nets\.B\.init: must be random, glorot"),
     ("{from_A: train/A, full: train/A}", r"train\.nets\.B\.init: must be \{from_A"),
     ("{from_A: train/A, std: high}", r"train\.nets\.B\.init: must be \{from_A"),
-    ("{from_A: train/A, rest: kaiming}", r"train\.nets\.B\.init\.rest: must be random or glorot"),
-    ("{full: train/A, rest: glorot}", r"train\.nets\.B\.init\.rest: must be random or glorot, and only with from_A"),
+    ("{from_A: train/A, rest: kaiming}", r"train\.nets\.B\.init\.rest: must be random, glorot or he"),
+    ("{full: train/A, rest: glorot}", r"train\.nets\.B\.init\.rest: must be random, glorot or he, and only with from_A"),
     ("{from_A: train/B}", r"train\.nets\.B\.init: a net cannot be initialised from itself"),
     ("{from_A: train/A2}", None),
     ("{from_A: train/C}", r"train\.nets\.B\.init: 'train/C' is not a train stage of this plan"),
@@ -127,7 +128,7 @@ def test_training_plan_init_is_validated(tmp_path, init, error):
         cfg = load_config(p, ["data.root=/x"])
         net = cfg.train.nets["B"]
         assert net.init_source == ("train/A2" if "A2" in init else "train/A")
-        assert net.random_init == ("glorot" if "rest: glorot" in init else "normal")
+        assert net.random_init == ("glorot" if "rest: glorot" in init else "he" if "rest: he" in init else "normal")
     else:
         with pytest.raises(ConfigError, match=error):
             load_config(p, ["data.root=/x"])

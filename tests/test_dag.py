@@ -36,6 +36,42 @@ def test_critical_path_is_the_longest_chain():
     assert total == 5 + 2 + 30 + 30 + 20 + 10 + 1 + 1
 
 
+def test_auto_runs_stages_together_on_one_machine_only_when_they_fit():
+    from pipeline.scheduler import _Concurrent, auto_parallel, demand
+
+    cfg = load_config(DEMO)
+    dag = build_dag(cfg)
+    sel = list(dag)
+    assert cfg.pipeline.max_parallel_stages == "auto"
+    assert demand(dag["train/A"]) == (2.0, 0.0) and demand(dag["evaluate/A"]) == (2.0, 0.0)
+    assert demand(dag["report"]) == (1.0, 0.0)
+    # the demo on 2 cores: every pair that could overlap asks for more than 2 CPUs -> one by one
+    assert auto_parallel(dag, sel, True, nodes=1, capacity=(2.0, 0.0)) == (1, None)
+    # a bigger machine: together, within its CPUs; a cluster: no cap, as before
+    assert auto_parallel(dag, sel, True, nodes=1, capacity=(4.0, 0.0)) == (None, (4.0, 0.0))
+    assert auto_parallel(dag, sel, True, nodes=3, capacity=(2.0, 0.0)) == (None, None)
+    assert auto_parallel(dag, sel, False) == (1, None)
+    from pipeline.config import ConfigError
+    with pytest.raises(ConfigError, match="max_parallel_stages: must be >= 1, auto, or null"):
+        load_config(DEMO, ["pipeline.max_parallel_stages=0"])
+    # in flight: train/D (2 CPUs) on 4 CPUs leaves room for evaluate/A (2), not for a third
+    run = _Concurrent(None, (4.0, 0.0))
+    assert run.has_room(demand(dag["train/D"]))
+    run.refs["ref-D"], run.demands["train/D"] = "train/D", demand(dag["train/D"])
+    assert run.has_room(demand(dag["evaluate/A"]))
+    run.refs["ref-A"], run.demands["evaluate/A"] = "evaluate/A", demand(dag["evaluate/A"])
+    assert not run.has_room(demand(dag["fuse"]))
+    # GPUs count too: a 1-GPU machine fits one GPU training at a time
+    gpu = load_config(DEMO, ["train.use_gpu=true", "train.num_workers=1", "evaluate.use_gpu=true",
+                             "evaluate.num_workers=1"])
+    gdag = build_dag(gpu)
+    assert demand(gdag["train/D"]) == (1.0, 1.0)
+    assert auto_parallel(gdag, list(gdag), True, nodes=1, capacity=(16.0, 1.0)) == (None, (16.0, 1.0))
+    one = _Concurrent(None, (16.0, 1.0))
+    one.refs["r"], one.demands["train/D"] = "train/D", demand(gdag["train/D"])
+    assert not one.has_room(demand(gdag["evaluate/A"])) and one.has_room(demand(gdag["fuse"]))
+
+
 @pytest.mark.slow
 def test_a_failed_stage_blocks_only_its_downstream(ray_session, tmp_path, capsys):
     """X diverges: evaluate/X and the report (which needs every evaluation) are blocked; the

@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from vgg.results.tables import (PAPER, EvalRow, FusionRow, paper_match, paper_value, plot_error_vs_depth, table3,
-                          table4, table5, table6, to_markdown, train_scale_key)
+from vgg.results.tables import (PAPER, EvalRow, FusionRow, depth_figure, display, paper_match, paper_value,
+                          plot_error_vs_depth, table3, table4, table5, table6, to_markdown, train_scale_key)
 
 JIT = (256, 512)
 MQ = [256, 384, 512]  # the paper's multi-scale Q for S in [256, 512]
@@ -154,3 +154,27 @@ def test_plot_writes_a_png(tmp_path):
     buf = io.BytesIO()
     plot_error_vs_depth([], buf)  # no rows: an empty plot, still a PNG
     assert buf.getvalue()[:4] == b"\x89PNG"
+
+
+def test_the_depth_plot_draws_the_compared_mode_only_with_its_intervals_and_the_paper_beside():
+    rows = []
+    for arch, top1 in (("A", 30.0), ("B", 29.0), ("D", 27.5)):
+        for method in ("dense", "multi-crop", "multi-crop+dense"):
+            for scales, q in (("single", [256]), ("multi", [224, 256, 288])):
+                rows.append(EvalRow(arch, arch, 256, method, scales, q, top1, top1_ci=(top1 - 2.0, top1 + 3.0)))
+    ax = depth_figure(rows, ["dense@single"]).axes[0]
+    bars = ax.containers
+    assert len(bars) == 1  # one line, not one per mode and train scale (issue 26: 12 overlapping)
+    line, _, (segments,) = bars[0].lines
+    assert list(line.get_ydata()) == [30.0, 29.0, 27.5]
+    # error bars span each row's 95% interval
+    assert [tuple(seg[:, 1]) for seg in segments.get_segments()] == [(28.0, 33.0), (27.0, 32.0), (25.5, 30.5)]
+    # the paper's Table 3 values for A, B, D at S = Q = 256 stand beside ours
+    paper = [c for c in ax.collections if c is not segments and len(c.get_offsets())]
+    assert sorted(y for c in paper for _, y in c.get_offsets()) == [27.0, 28.7, 29.6]
+    assert len(depth_figure(rows).axes[0].containers) == 6  # no modes given: every mode
+
+
+def test_display_tables_round_to_one_decimal_and_leave_the_rest():
+    shown = display({"top-1": [66.6666666667, None], "Q": [40, 36], "ci": [(1.04, 2.06), None], "m": ["a", "b"]})
+    assert shown == {"top-1": [66.7, None], "Q": [40, 36], "ci": [(1.0, 2.1), None], "m": ["a", "b"]}

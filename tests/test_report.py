@@ -8,7 +8,7 @@ import pyarrow.fs as pafs
 import pytest
 
 from pipeline.config import ReportConfig
-from pipeline.storage import StageOutput
+from pipeline.storage import StageOutput, write_json
 from vgg.artifacts import Evaluation, write_evaluation
 from vgg.paper import MODES, at_crop, multi_test_scales, scales_for_testing, single_test_scale
 from vgg.results import claims
@@ -134,15 +134,21 @@ def test_claims_without_comparisons_are_not_testable_and_name_what_they_need():
     assert summary[2] == "inconclusive" and summary[5] == "not testable"
 
 
-def test_judge_marks_collapsed_nets_and_metrics_are_mlflow_safe():
+def test_a_comparison_with_a_collapsed_net_tests_nothing_and_metrics_are_mlflow_safe():
     reps = {"B:dense@single": np.linspace(0.10, 0.12, 50), "A:dense@single": np.linspace(0.20, 0.22, 50)}
     point = {"B:dense@single": 0.11, "A:dense@single": 0.21}
     judged = judge([Comparison(2, "B:dense@single", "A:dense@single")], reps, point, collapsed=["A"])
     r = next(x for x in judged if x.claim == 2)
-    assert r.verdict == "held" and r.diff == pytest.approx(-10.0) and "collapsed net: A" in r.note
+    # the interval is far below 0, yet a collapsed net cannot hold (nor contradict) a claim
+    assert r.verdict == "not testable" and r.diff == pytest.approx(-10.0) and r.note == "collapsed: A"
     metrics, tags = claims.metrics_and_tags(judged)
     assert metrics["claim2.B_dense_single_vs_A_dense_single.diff"] == pytest.approx(-10.0)
-    assert tags["claim2"] == "held" and tags["claim1"] == "not testable"
+    assert tags["claim2"] == "not testable (collapsed: A; retrain A)" and tags["claim1"] == "not testable"
+    # with a healthy comparison beside it, the summary keeps its verdict and names the net to fix
+    reps["C:dense@single"], point["C:dense@single"] = np.linspace(0.05, 0.07, 50), 0.06
+    both = judge([Comparison(2, "B:dense@single", "A:dense@single"),
+                  Comparison(2, "C:dense@single", "B:dense@single")], reps, point, collapsed=["A"])
+    assert claims.summary(both)[2] == "held; 1 comparison not testable (collapsed: A; retrain A)"
     import re
     assert all(re.fullmatch(r"[A-Za-z0-9_.\- /]+", k) for k in [*metrics, *tags])
 
@@ -184,7 +190,29 @@ def test_collapse_detector_on_a_constant_net_and_a_healthy_one():
 
     assert health_of(prediction_stats(only(3))).collapsed
     assert "only 3 of 5 classes" in health_of(prediction_stats(only(3))).reason
-    assert not health_of(prediction_stats(only(4))).collapsed
+    # four of five (issue 26's D at 21%: class 3 never predicted): a partial collapse
+    four = health_of(prediction_stats(only(4)))
+    assert four.collapsed and four.classes_predicted == 4 and four.rarest_class_share == 0.0
+    assert four.reason == "class 4 is almost never predicted (fewer than 25% of the 40 images a class would get)"
+
+
+def test_a_class_almost_never_predicted_is_a_partial_collapse_and_a_weak_one_is_not():
+    k, n = 5, 200
+    labels = np.arange(n) % k
+
+    def net_predicting(counts: list[int]) -> np.ndarray:
+        pred = np.repeat(np.arange(k), counts)
+        probs = np.full((n, k), 0.05, np.float32)
+        probs[np.arange(n), pred] = 0.8
+        return probs
+
+    # fair share 40 per class; 9 predictions of class 2 (< 25% of 40 = 10) is "almost never"
+    bad = health_of(prediction_stats(net_predicting([60, 51, 9, 40, 40])))
+    assert bad.collapsed and "class 2 is almost never predicted" in bad.reason
+    assert "COLLAPSED" in bad.describe() and "0.23 of its fair share" in bad.describe()
+    # a weak class still predicted 10 times, or a skewed but complete net: healthy
+    assert not health_of(prediction_stats(net_predicting([60, 50, 10, 40, 40]))).collapsed
+    assert not health_of(prediction_stats(net_predicting([30, 50, 40, 40, 40]))).collapsed
 
 
 def test_prediction_stats_of_shares_add_up():
@@ -201,14 +229,22 @@ def _output(root, sid: str) -> StageOutput:
 
 
 def fake_evaluation(root, net: str, arch: str, scale, accuracy: float, classes: int = 10,
-                    n: int = 400) -> Evaluation:
-    """An evaluation (written as the evaluate stage writes it) with posteriors of every mode."""
+                    n: int = 400, mode_accuracy: dict[str, float] | None = None,
+                    never: int | None = None, crop: int | None = None) -> Evaluation:
+    """An evaluation (written as the evaluate stage writes it) with posteriors of every mode.
+    `mode_accuracy`: other accuracies for some modes; `never`: a class the net never
+    predicts (its images go to the next class); `crop`: recorded in the manifest."""
     out = _output(root, f"evaluate/{net}")
     rng = np.random.default_rng([ord(c) for c in net])
     labels = np.arange(n) % classes
     rows, modes = [], {}
+    if crop is not None:
+        write_json(out.fs, out.join("manifest.json"), {"crop": crop})
     for mode in MODES:
-        pred = np.where(rng.random(n) < accuracy, labels, (labels + 1) % classes)
+        acc = (mode_accuracy or {}).get(mode, accuracy)
+        pred = np.where(rng.random(n) < acc, labels, (labels + 1) % classes)
+        if never is not None:
+            pred = np.where(pred == never, (never + 1) % classes, pred)
         probs = np.full((n, classes), 0.2 / (classes - 1), np.float32)
         probs[np.arange(n), pred] = 0.8
         modes[mode] = Posteriors([f"k{i:04d}" for i in range(n)], labels, probs, [f"c{i}" for i in range(classes)])
@@ -237,3 +273,38 @@ def test_top5_with_five_classes_is_not_applicable(tmp_path):
     for r in build_report(outputs).tables["table3.json"]["top-5 95% CI"]:
         assert r is None
     assert "n/a" in build_report(outputs).markdown
+
+
+def test_a_partially_collapsed_net_makes_its_claims_not_testable_in_the_report(tmp_path):
+    # D is the better net by its errors, but it never predicts class 3 (issue 26: D at 21%)
+    outputs = {"A": fake_evaluation(tmp_path, "A", "A", 40, 0.6, classes=5),
+               "D": fake_evaluation(tmp_path, "D", "D", 40, 0.85, classes=5, never=3)}
+    report = build_report(outputs, None, None, ReportConfig(bootstrap_samples=200))
+    assert report.collapsed == ["D"]
+    d_vs_a = next(r for r in report.claims if r.claim == 2)
+    assert d_vs_a.verdict == "not testable" and d_vs_a.note == "collapsed: D" and d_vs_a.diff < 0
+    assert claims.summary(report.claims)[2] == "not testable (collapsed: D; retrain D)"
+    assert "class 3 is almost never predicted" in report.markdown
+
+
+def test_dense_far_from_multi_crop_is_distorted_and_verdicts_move_to_multi_crop(tmp_path):
+    # issue 26 at crop 32: dense@single scored D at 58% error, multi-crop@single at 23%
+    bad_dense = {"dense@single": 0.42, "multi-crop+dense@single": 0.5}
+    outputs = {"A": fake_evaluation(tmp_path, "A", "A", 40, 0.6, mode_accuracy={"dense@single": 0.55}, crop=32),
+               "D": fake_evaluation(tmp_path, "D", "D", 40, 0.78, mode_accuracy=bad_dense, crop=32)}
+    report = build_report(outputs, None, None, ReportConfig(bootstrap_samples=200))
+    assert list(report.distorted) == ["single"] and report.distorted["single"].startswith("D: dense@single")
+    assert report.compare_mode == "multi-crop@single"
+    d_vs_a = next(r for r in report.claims if r.claim == 2)
+    assert d_vs_a.comparison == "D:multi-crop@single vs A:multi-crop@single" and d_vs_a.verdict == "held"
+    c4 = {r.comparison: r for r in report.claims if r.claim == 4}
+    assert c4["D:dense@multi vs D:dense@single"].verdict == "not testable"
+    assert c4["D:dense@multi vs D:dense@single"].note == "dense distorted at crop 32"
+    assert c4["D:multi-crop+dense@multi vs D:multi-crop@multi"].verdict != "not testable"
+    assert "dense evaluation is distorted at crop 32" in report.markdown
+    assert "judged in multi-crop@single instead of dense@single" in report.markdown
+    # dense and multi-crop within noise of each other: nothing is distorted, nothing moves
+    calm = {"A": fake_evaluation(tmp_path / "calm", "A", "A", 40, 0.6),
+            "D": fake_evaluation(tmp_path / "calm", "D", "D", 40, 0.78)}
+    again = build_report(calm, None, None, ReportConfig(bootstrap_samples=200))
+    assert again.distorted == {} and again.compare_mode == "dense@single"

@@ -11,7 +11,21 @@ the same images). Verdicts:
   interval is below 0, contradicted if it is above 0, inconclusive if it contains 0;
 - claim 1 is a no-gain claim (A-LRN is no better than A): contradicted if A-LRN is
   significantly better (interval below 0), held otherwise ("no significant gain");
-- a claim with no comparison in this plan is "not testable", naming the nets it needs.
+- a claim with no comparison in this plan is "not testable", naming the nets it needs;
+- a comparison that involves a collapsed net (`vgg.results.metrics.health`), or that
+  rests on a distorted evaluation mode (`distorted_scales`), is "not testable" whatever
+  its interval says (the difference is still shown): "not testable (collapsed: D)" tests
+  nothing about depth, only that D did not train. The claim's summary names the nets to
+  retrain.
+
+The report checks its own protocol: at a small crop (32 px: the last pool leaves a 1x1
+map) dense evaluation can be distorted, scoring a net 35 points apart from multi-crop of
+the same net at the same test scales, where the paper's Table 5 has them within 0.2
+points. Where some healthy net's dense and multi-crop errors at the same scales differ
+by more than `DENSE_DISTORTION_BOUND` points (the whole interval beyond it), dense is
+distorted at those scales: claims 1-3 move to multi-crop at the same scales
+(`sound_mode`), and the comparisons of claims 4 and 5 that use dense there become
+"not testable (dense distorted at crop N)".
 """
 
 from __future__ import annotations
@@ -46,6 +60,11 @@ BASE_MODE = "dense@single"  # Table 3's protocol: nets are compared at their own
 # in order of preference]); a deep net is compared with B, or with A where B is not trained.
 DEPTH_PAIRS = (("B", ("A",)), ("C", ("B", "A")), ("D", ("B", "A")), ("E", ("B", "A")), ("D", ("C",)))
 VERDICTS = ("held", "contradicted", "inconclusive", "not testable")
+#: Points of top-1 error by which dense and multi-crop of one net at the same test scales
+#: may differ before dense counts as distorted. The paper's Table 5: 0.2 (D and E); our
+#: bound is 15 times that, and the whole paired interval must lie beyond it, so that the
+#: noise of a few hundred validation images does not trip it.
+DENSE_DISTORTION_BOUND = 3.0
 
 
 @dataclass(frozen=True)
@@ -132,23 +151,71 @@ def verdict(lo: float, hi: float, expect: str = "lower") -> str:
     return "inconclusive"
 
 
+def distorted_scales(rows: Sequence[EvalRow], replicates: Mapping[str, np.ndarray],
+                     point: Mapping[str, float], confidence: float = 0.95,
+                     collapsed: Sequence[str] = ()) -> dict[str, str]:
+    """Test scales ("single" / "multi") at which dense evaluation is distorted -> the evidence.
+
+    Distorted: for some net not in `collapsed` (a broken net says nothing about the
+    protocol), err(dense@s) - err(multi-crop@s) has its whole interval beyond
+    +-DENSE_DISTORTION_BOUND points. The evidence names the net with the largest gap,
+    e.g. "D: dense@single 58.1% vs multi-crop@single 22.7%"."""
+    worst: dict[str, tuple[float, str]] = {}
+    for r in rows:
+        if r.method != "dense" or r.net in collapsed:
+            continue
+        dense, crop = r.member_id, f"{r.net}:multi-crop@{r.scales}"
+        if not all(m in point and m in replicates for m in (dense, crop)):
+            continue
+        lo, hi = (100.0 * v for v in interval(replicates[dense] - replicates[crop], confidence))
+        gap = 100.0 * (point[dense] - point[crop])
+        if (lo > DENSE_DISTORTION_BOUND or hi < -DENSE_DISTORTION_BOUND) and abs(gap) > worst.get(r.scales, (0.0,))[0]:
+            worst[r.scales] = (abs(gap), f"{r.net}: dense@{r.scales} {100 * point[dense]:.1f}% vs "
+                                         f"multi-crop@{r.scales} {100 * point[crop]:.1f}%")
+    return {scales: text for scales, (_, text) in sorted(worst.items())}
+
+
+def sound_mode(mode: str, distorted: Mapping[str, str]) -> str:
+    """The mode claims 1-3 compare nets in: `mode`, or multi-crop at the same test scales
+    when `mode` uses dense evaluation (dense or multi-crop+dense) at distorted scales."""
+    method, scales = mode.split("@")
+    return f"multi-crop@{scales}" if "dense" in method and scales in distorted else mode
+
+
+def rests_on_distorted(member: str, distorted: Mapping[str, str],
+                       fusion_members: Sequence[str] = ()) -> bool:
+    """Whether an evaluation ("net:method@scales", or FUSION of `fusion_members`) uses dense
+    evaluation at distorted test scales."""
+    if member == FUSION:
+        return any(rests_on_distorted(m, distorted) for m in fusion_members)
+    method, _, scales = member.split(":", 1)[-1].partition("@")
+    return "dense" in method and scales in distorted
+
+
 def judge(comps: Sequence[Comparison], replicates: Mapping[str, np.ndarray],
           point: Mapping[str, float], confidence: float = 0.95,
-          collapsed: Sequence[str] = ()) -> list[ClaimRow]:
+          collapsed: Sequence[str] = (), untestable: Mapping[str, str] | None = None) -> list[ClaimRow]:
     """One ClaimRow per comparison, and a "not testable" row for each claim without one.
 
     `replicates`: member id -> bootstrap replicates of its top-1 error (fractions, shared
     resamples); `point`: member id -> its top-1 error (fraction); `collapsed`: net names
-    whose predictions collapsed (named in the note of any row they take part in)."""
+    whose predictions collapsed; `untestable`: member id -> why a comparison with it tests
+    nothing (e.g. FUSION -> "collapsed: D", "D:dense@multi" -> "dense distorted at crop 32").
+    A comparison with a collapsed net or an untestable member is "not testable", its note
+    says why ("collapsed: D"); its difference and interval are kept for the record."""
+    untestable = untestable or {}
     out = []
     for c in comps:
         diff = 100.0 * (point[c.first] - point[c.second])
         lo, hi = (100.0 * v for v in interval(replicates[c.first] - replicates[c.second], confidence))
         nets = {m.split(":", 1)[0] for m in (c.first, c.second)}
         bad = sorted(nets & set(collapsed))
+        reasons = [f"collapsed: {', '.join(bad)}"] if bad else []
+        reasons += [why for m in (c.first, c.second) if (why := untestable.get(m)) and why not in reasons]
+        if reasons:
+            out.append(ClaimRow(c.claim, c.label, diff, lo, hi, "not testable", "; ".join(reasons)))
+            continue
         note = "no significant gain" if c.expect == "no gain" and verdict(lo, hi, c.expect) == "held" else ""
-        if bad:
-            note = "; ".join(filter(None, [note, f"collapsed net: {', '.join(bad)}"]))
         out.append(ClaimRow(c.claim, c.label, diff, lo, hi, verdict(lo, hi, c.expect), note))
     tested = {c.claim for c in comps}
     out += [ClaimRow(n, "-", None, None, None, "not testable", f"needs {NEEDS[n]}")
@@ -157,22 +224,40 @@ def judge(comps: Sequence[Comparison], replicates: Mapping[str, np.ndarray],
 
 
 def summary(rows: Sequence[ClaimRow]) -> dict[int, str]:
-    """One verdict per claim: held / contradicted if all its comparisons agree, "mixed"
-    when they disagree, inconclusive when none decides, or not testable."""
+    """One verdict per claim: held / contradicted if all its testable comparisons agree,
+    "mixed" when they disagree, inconclusive when none decides, or not testable. Where
+    comparisons were made but test nothing, it says why and which nets to retrain, e.g.
+    "not testable (collapsed: D; retrain D)" or "held; 1 comparison not testable
+    (collapsed: D; retrain D)"."""
     out = {}
     for n in CLAIMS:
-        vs = {r.verdict for r in rows if r.claim == n}
+        mine = [r for r in rows if r.claim == n]
+        vs = {r.verdict for r in mine} - {"not testable"}
         decided = vs - {"inconclusive"}
-        if vs == {"not testable"}:
-            out[n] = "not testable"
+        if not vs:
+            v = "not testable"
         elif not decided:
-            out[n] = "inconclusive"
+            v = "inconclusive"
         elif len(decided) == 1:
             v = decided.pop()
-            out[n] = v if "inconclusive" not in vs else f"{v} (partly inconclusive)"
+            v = v if "inconclusive" not in vs else f"{v} (partly inconclusive)"
         else:
-            out[n] = "mixed"
+            v = "mixed"
+        blocked = [r for r in mine if r.verdict == "not testable" and r.diff is not None]
+        if blocked:
+            why = _blocked_reasons(blocked)
+            v = (f"not testable ({why})" if not vs else
+                 f"{v}; {len(blocked)} comparison{'s' if len(blocked) > 1 else ''} not testable ({why})")
+        out[n] = v
     return out
+
+
+def _blocked_reasons(rows: Sequence[ClaimRow]) -> str:
+    """The distinct reasons of not-testable comparisons, and the collapsed nets to retrain."""
+    reasons = list(dict.fromkeys(p for r in rows for p in r.note.split("; ") if p))
+    nets = list(dict.fromkeys(n.strip() for p in reasons if p.startswith("collapsed: ")
+                              for n in p[len("collapsed: "):].split(",")))
+    return "; ".join(reasons + ([f"retrain {', '.join(nets)}"] if nets else []))
 
 
 def table(rows: Sequence[ClaimRow]) -> dict[str, list]:

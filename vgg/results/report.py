@@ -24,7 +24,8 @@ from vgg.config import ReportConfig
 from vgg.artifacts import Evaluation, Fusion
 from vgg.results import claims
 from vgg.results import tables as paper
-from vgg.results.metrics import Posteriors, bootstrap_errors, interval, meaningful_topk, topk_hits
+from vgg.results.metrics import (Health, Posteriors, bootstrap_errors, health_of, interval, meaningful_topk,
+                                 prediction_stats, topk_hits)
 from vgg.results.tables import EvalRow, FusionRow
 
 TITLES = {
@@ -42,8 +43,15 @@ class ReportContent:
     markdown: str
     #: the judged claims (empty when the report was built without posteriors).
     claims: list[claims.ClaimRow] = dataclasses.field(default_factory=list)
-    #: nets whose predictions collapsed (evaluate's health.json)
+    #: nets whose predictions collapsed (evaluate's health.json, or the health of their
+    #: posteriors in the mode the claims compare them in)
     collapsed: list[str] = dataclasses.field(default_factory=list)
+    #: test scales ("single" / "multi") where dense evaluation is distorted -> the evidence
+    #: (`claims.distorted_scales`)
+    distorted: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: the mode claims 1-3 were judged in: report.compare_mode, or multi-crop at the same
+    #: scales where compare_mode's dense evaluation is distorted (`claims.sound_mode`)
+    compare_mode: str = "dense@single"
 
 
 def collect(evaluations: Mapping[str, Evaluation], fusion: Fusion | None) -> tuple[list[EvalRow], list[FusionRow]]:
@@ -78,9 +86,19 @@ def _posteriors(evaluations: Mapping[str, Evaluation], fusion: Fusion | None, ro
     return readers
 
 
-def per_image_hits(readers: Mapping[str, Callable[[], Posteriors]]) -> dict[int, dict[str, np.ndarray]]:
+def crop_of(evaluations: Mapping[str, Evaluation]) -> int | None:
+    """The training crop of the evaluations (their manifests' "crop"), None if unrecorded."""
+    for e in evaluations.values():
+        if e.has("manifest.json") and (crop := e.out.read_json("manifest.json").get("crop")):
+            return int(crop)
+    return None
+
+
+def per_image_hits(readers: Mapping[str, Callable[[], Posteriors]],
+                   stats: dict[str, np.ndarray] | None = None) -> dict[int, dict[str, np.ndarray]]:
     """k -> member id -> (N,) bool hits, every member on the same images in the same
-    order (the first one's). One posteriors file in memory at a time."""
+    order (the first one's). One posteriors file in memory at a time. `stats`, when
+    given, receives member id -> `prediction_stats` (for the health in any mode)."""
     hits: dict[int, dict[str, np.ndarray]] = {}
     ref_keys: list[str] | None = None
     for member, read in readers.items():
@@ -95,6 +113,8 @@ def per_image_hits(readers: Mapping[str, Callable[[], Posteriors]]) -> dict[int,
             post = post.select(ref_keys)
         for k in meaningful_topk((1, 5), post.num_classes):
             hits.setdefault(k, {})[member] = topk_hits(post.probs, post.labels, k)
+        if stats is not None:
+            stats[member] = prediction_stats(post.probs)
     return hits
 
 
@@ -105,7 +125,8 @@ def build_report(evaluations: Mapping[str, Evaluation], fusion: Fusion | None = 
     error-vs-depth PNG (tables.plot_error_vs_depth) is written to `png_path` when given."""
     cfg = cfg or ReportConfig()
     rows, fusions = collect(evaluations, fusion)
-    hits = per_image_hits(_posteriors(evaluations, fusion, rows, fusions))
+    stats: dict[str, np.ndarray] = {}
+    hits = per_image_hits(_posteriors(evaluations, fusion, rows, fusions), stats)
     reps = {k: bootstrap_errors(h, cfg.bootstrap_samples, cfg.seed) for k, h in hits.items()}
 
     def ci(k: int, member: str) -> tuple[float, float] | None:
@@ -116,13 +137,26 @@ def build_report(evaluations: Mapping[str, Evaluation], fusion: Fusion | None = 
     fusions = [dataclasses.replace(f, top1_ci=ci(1, claims.FUSION), top5_ci=ci(5, claims.FUSION))
                for f in fusions]
     collapsed = collapsed_nets(evaluations)
-    judged = []
+    judged, distorted, mode, mode_health = [], {}, cfg.compare_mode, {}
     if 1 in hits:
         point = {m: 1.0 - h.mean() for m, h in hits[1].items()}
-        comps = [c for c in claims.comparisons(rows, fusions[0] if fusions else None, point,
-                                               cfg.compare_mode)
+        # The protocol first: dense at a small crop can be distorted (claims module docstring);
+        # then the health of every net in the mode its verdicts will rest on.
+        distorted = claims.distorted_scales(rows, reps[1], point, cfg.confidence, collapsed)
+        mode = claims.sound_mode(cfg.compare_mode, distorted)
+        mode_health = {r.net: health_of(stats[r.member_id]) for r in rows
+                       if r.mode == mode and r.member_id in stats}
+        collapsed = sorted(set(collapsed) | {n for n, h in mode_health.items() if h.collapsed})
+        crop = crop_of(evaluations)
+        why = f"dense distorted at crop {crop}" if crop else "dense distorted at these test scales"
+        members = fusions[0].members if fusions else []
+        untestable = {m: why for m in [*point, claims.FUSION]
+                      if claims.rests_on_distorted(m, distorted, members)}
+        if bad := sorted({m.split(":", 1)[0] for m in members} & set(collapsed)):
+            untestable.setdefault(claims.FUSION, f"collapsed: {', '.join(bad)}")
+        comps = [c for c in claims.comparisons(rows, fusions[0] if fusions else None, point, mode)
                  if c.first in point and c.second in point]
-        judged = claims.judge(comps, reps[1], point, cfg.confidence, collapsed)
+        judged = claims.judge(comps, reps[1], point, cfg.confidence, collapsed, untestable)
     built = {
         "table3.json": paper.table3(rows),
         "table4.json": paper.table4(rows),
@@ -133,12 +167,14 @@ def build_report(evaluations: Mapping[str, Evaluation], fusion: Fusion | None = 
     if judged:
         tables["claims.json"] = claims.table(judged)
     if png_path is not None:
-        paper.plot_error_vs_depth(rows, os.fspath(png_path))
-    return ReportContent(tables, _markdown(tables, judged, collapsed, cfg, hits), judged, collapsed)
+        paper.plot_error_vs_depth(rows, os.fspath(png_path), [mode])  # the mode the claims compare in
+    md = _markdown(tables, judged, collapsed, cfg, hits, distorted, mode, mode_health, crop_of(evaluations))
+    return ReportContent(tables, md, judged, collapsed, distorted, mode)
 
 
 def _markdown(tables: dict[str, dict], judged: list[claims.ClaimRow], collapsed: list[str],
-              cfg: ReportConfig, hits: dict[int, dict[str, np.ndarray]]) -> str:
+              cfg: ReportConfig, hits: dict[int, dict[str, np.ndarray]], distorted: dict[str, str],
+              mode: str, mode_health: dict[str, Health], crop: int | None) -> str:
     n = len(next(iter(hits[1].values()))) if hits.get(1) else 0
     parts = ["## Results against the paper (top-1 / top-5 error, %)", "",
              "Paper values only where the configuration matches (architecture, training scale, "
@@ -146,10 +182,23 @@ def _markdown(tables: dict[str, dict], judged: list[claims.ClaimRow], collapsed:
              + (f" Intervals: {cfg.confidence:.0%} percentile bootstrap over our {n} validation "
                 f"images ({cfg.bootstrap_samples} resamples, seed {cfg.seed})." if n else ""), ""]
     if collapsed:
-        parts += [f"**Warning: collapsed nets** (they predict few classes, or nearly the same "
-                  f"posteriors for every image; their errors say nothing about depth or "
-                  f"scale): {', '.join(collapsed)}. See their train and evaluate runs' "
-                  "`health` tag.", ""]
+        how = "; ".join(f"{n} in {mode}: {h.reason}" for n, h in mode_health.items() if n in collapsed and h.collapsed)
+        parts += [f"**Warning: collapsed nets** (they never or almost never predict some "
+                  f"classes, or give nearly the same posteriors for every image; their errors "
+                  f"say nothing about depth or scale, and every claim they take part in is not "
+                  f"testable): {', '.join(collapsed)}" + (f" ({how})" if how else "")
+                  + ". See their train and evaluate runs' `health` tag.", ""]
+    for scales, evidence in distorted.items():
+        parts += [f"**Warning: dense evaluation is distorted at crop {crop or '?'}** ({scales} test "
+                  f"scale{'s' if scales == 'multi' else ''}; {evidence}; the paper's Table 5 has dense "
+                  f"and multi-crop within 0.2 points, our bound is {claims.DENSE_DISTORTION_BOUND:g}). "
+                  f"Claims 1-3 are judged in {mode} instead of {cfg.compare_mode}"
+                  if mode != cfg.compare_mode and mode.endswith(scales) else
+                  f"**Warning: dense evaluation is distorted at crop {crop or '?'}** ({scales} test "
+                  f"scale{'s' if scales == 'multi' else ''}; {evidence}; the paper's Table 5 has dense "
+                  f"and multi-crop within 0.2 points, our bound is {claims.DENSE_DISTORTION_BOUND:g})",
+                  ""]
+        parts[-2] += "; comparisons that use dense evaluation there are not testable."
     for name, title in TITLES.items():
         parts.append(paper.to_markdown(tables[name], title) if name in tables else f"### {title}\n\n(no rows)\n")
     if judged:
@@ -158,8 +207,10 @@ def _markdown(tables: dict[str, dict], judged: list[claims.ClaimRow], collapsed:
                   "Difference = our top-1 error of the first minus the second, in points, "
                   "with a paired bootstrap interval (same resampled images for both). "
                   "Held / contradicted: the interval excludes 0 on the claimed / the other "
-                  f"side; inconclusive: it contains 0. Claims 1-3 compare nets in "
-                  f"{cfg.compare_mode} (report.compare_mode).", ""]
+                  f"side; inconclusive: it contains 0; not testable: a collapsed net or a "
+                  f"distorted mode takes part. Claims 1-3 compare nets in {mode}"
+                  + (" (report.compare_mode)." if mode == cfg.compare_mode else
+                     f" (report.compare_mode is {cfg.compare_mode}, distorted here)."), ""]
         parts += [f"{n}. {claims.CLAIMS[n]}: **{v}**" for n, v in verdicts.items()] + [""]
         parts.append(paper.to_markdown(tables["claims.json"], "Claims"))
     return "\n".join(parts)

@@ -325,15 +325,38 @@ def to_markdown(table: dict[str, list], title: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
+def display(table: dict[str, list], digits: int = 1) -> dict[str, list]:
+    """A copy of a column dict for display (mlflow.log_table): floats rounded to `digits`
+    decimals (errors in percent: one), as the Markdown shows them. The JSON files keep
+    full precision; this is for eyes only (66.6666666667 reads as 66.7)."""
+    def r(v: Any) -> Any:
+        if isinstance(v, float):
+            return round(v, digits)
+        if isinstance(v, (tuple, list)) and v and all(isinstance(x, float) for x in v):
+            return type(v)(round(x, digits) for x in v)
+        return v
+
+    return {c: [r(v) for v in vals] for c, vals in table.items()}
+
+
 # ------------------------------------------------------------------ plot
-def plot_error_vs_depth(rows: Sequence[EvalRow], path: Any) -> Any:
+def plot_error_vs_depth(rows: Sequence[EvalRow], path: Any, modes: Sequence[str] | None = None) -> Any:
     """PNG of top-1 error against depth (weight layers, Table 1).
 
-    One line per method / test scales / train scale (a line mixing train scales would
-    jump up and down at one depth); the paper's value for the same configuration is a
-    hollow square in the line's colour. `path`: a file name or a writable binary file
+    Only the rows of `modes` (method@scales; default: every mode), the modes the report
+    compares nets in: one line per mode and train scale (a line mixing train scales would
+    jump up and down at one depth), with the 95% bootstrap interval as error bars where
+    the row has one; the paper's value for the same configuration is a hollow square in
+    the line's colour beside our point. `path`: a file name or a writable binary file
     object. Returns `path`.
     """
+    fig = depth_figure(rows, modes)
+    fig.savefig(path, format="png")
+    return path
+
+
+def depth_figure(rows: Sequence[EvalRow], modes: Sequence[str] | None = None) -> Any:
+    """The matplotlib Figure of `plot_error_vs_depth` (its axes' containers are the lines)."""
     # Figure + Agg canvas directly: no pyplot, no global backend switch in a library.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -343,15 +366,21 @@ def plot_error_vs_depth(rows: Sequence[EvalRow], path: Any) -> Any:
     ax = fig.add_subplot()
     groups: dict[str, list[EvalRow]] = {}
     for r in sorted(rows, key=lambda r: (DEPTH[r.arch], _sort_key(r))):
-        label = f"{r.method}, {r.scales}-scale, S={train_scale_key(r.train_scale)}"
+        if modes is not None and r.mode not in modes:
+            continue
+        label = f"{r.mode}, S={train_scale_key(r.train_scale)}"
         groups.setdefault(label, []).append(r)
     any_paper = False
     for i, (label, grp) in enumerate(groups.items()):
         color = f"C{i % 10}"
-        ax.plot([DEPTH[r.arch] for r in grp], [r.top1 for r in grp], "o-", color=color, label=label)
-        for r in grp:
-            ax.annotate(r.arch, (DEPTH[r.arch], r.top1), textcoords="offset points", xytext=(4, 4), fontsize=7)
-        pts = [(DEPTH[r.arch], p[0]) for r in grp if (p := paper_match(r)) is not None]
+        x = [DEPTH[r.arch] + 0.15 * (i - (len(groups) - 1) / 2) for r in grp]  # apart, not on top
+        y = [r.top1 for r in grp]
+        err = [[0.0 if r.top1_ci is None else r.top1 - r.top1_ci[0] for r in grp],
+               [0.0 if r.top1_ci is None else r.top1_ci[1] - r.top1 for r in grp]]
+        ax.errorbar(x, y, yerr=err, fmt="o-", color=color, capsize=3, label=label)
+        for xi, r in zip(x, grp):
+            ax.annotate(r.net, (xi, r.top1), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        pts = [(xi + 0.3, p[0]) for xi, r in zip(x, grp) if (p := paper_match(r)) is not None]
         if pts:
             ax.scatter(*zip(*pts), facecolors="none", edgecolors=color, marker="s", s=70)
             any_paper = True
@@ -361,10 +390,9 @@ def plot_error_vs_depth(rows: Sequence[EvalRow], path: Any) -> Any:
     ax.set_xlim(min(DEPTH.values()) - 1, max(DEPTH.values()) + 1)
     ax.set_xlabel("weight layers")
     ax.set_ylabel("top-1 error (%)")
-    ax.set_title("Top-1 error vs depth")
+    ax.set_title("Top-1 error vs depth (bars: 95% bootstrap interval)")
     ax.grid(alpha=0.3)
     if groups:
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, format="png")
-    return path
+    return fig
