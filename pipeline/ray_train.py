@@ -173,7 +173,9 @@ def _train(plan: WorkerPlan) -> None:
     result = fit(state, loader, val_loader, plan.fit_options(), start=start, comm=TorchDistributed(),
                  device=device, checkpoint=_reporter(plan, rank), callbacks=(logger, *plan.callbacks))
     if result.diverged is not None and rank == 0:  # the same facts on every rank
-        _tell_driver(plan, {"diverged": result.diverged.where})
+        d = result.diverged
+        _tell_driver(plan, {"diverged": d.where, "epoch": d.epoch + 1, "step": None if d.step is None else d.step + 1,
+                            "lr": d.lr, "reason": d.reason})
     failure = logger.close()
     if failure is not None:
         _tell_driver(plan, {"mlflow_failed": failure})
@@ -256,7 +258,8 @@ def _tell_driver(plan: WorkerPlan, facts: dict[str, Any]) -> None:
     """What the driver must know after fit() but Ray Train's Result does not carry (it keeps
     the metrics of checkpoints only): a file in the stage's scratch directory."""
     fs, path = resolve_uri(plan.outcome_uri)
-    write_json(fs, path, facts)
+    earlier = json.loads(read_bytes(fs, path)) if exists(fs, path) else {}
+    write_json(fs, path, {**earlier, **facts})  # a divergence and a lost server: both told
 
 
 def _say(plan: WorkerPlan, msg: str) -> None:

@@ -28,6 +28,7 @@ from vgg.artifacts import HISTORY_FILE, INIT_FILE, MODEL_FILE, DatasetRef, split
 from vgg.models import VGG
 from vgg.results.metrics import Health
 from vgg.training.checkpoints import import_weights, initial_model, write_init_weights
+from vgg.training import guard
 from vgg.training.curves import plot_curves
 from pipeline.ray_train import (OUTCOME_FILE, RUN_NAME, TrainCallback, WorkerPlan, best_and_last,
                                  has_checkpoint, read_outcome, trainer)
@@ -36,7 +37,8 @@ CURVES_FILE = "learning_curves.png"
 
 
 class TrainingDiverged(UserError, RuntimeError):
-    """The loss or the weights became non-finite: nothing is published."""
+    """The loss or the weights broke the divergence guard (`vgg.training.guard`): nothing is
+    published."""
 
 
 def run(config: TrainSection, inputs: TrainInputs, ctx: StageContext,
@@ -105,10 +107,9 @@ def _check_outcome(outcome: dict[str, Any], config: TrainSection, ctx: StageCont
             "its last checkpoint and logs the epochs again")
     if outcome.get("diverged"):
         raise TrainingDiverged(
-            f"{ctx.stage_id}: training diverged at {outcome['diverged']} (the loss or the "
-            f"weights became NaN or infinite); nothing is published. Lower the learning rate "
-            f"(train.nets.{config.name}.lr = {config.net.lr:g}) and run the stage again "
-            f"with --force (a rerun without it resumes from the last finite checkpoint)")
+            guard.message(ctx.stage_id, outcome["epoch"], outcome["step"], outcome["lr"], outcome["reason"])
+            + f" (train.nets.{config.name}.lr = {config.net.lr:g}; a rerun without --force resumes "
+            "from the last good checkpoint)")
 
 
 def collapse_tags(h: Health, net_plan: NetPlan, log) -> dict[str, str]:

@@ -34,6 +34,7 @@ from torch import nn
 from vgg.paper import TOPK
 from vgg.progress import Progress
 from vgg.results.metrics import health_of, meaningful_topk
+from vgg.training import guard
 from vgg.training.schedule import PlateauSchedule
 from vgg.training.steps import Precision, sgd_step, topk_hits
 
@@ -186,8 +187,9 @@ def fit(state: TrainState, loader, val_loader, opts: FitOptions, *, start: int =
     """Train epochs `start`..`opts.epochs - 1`: each a pass of `loader.epoch(e)`, a
     validation on `val_loader`, a schedule step, then `checkpoint(state, record)`.
 
-    A divergence (a non-finite loss or weight) ends training before the epoch's checkpoint:
-    the result says where; nothing of that epoch is kept.
+    A divergence (`vgg.training.guard`: a non-finite loss or weight, or a finite loss above
+    the guard's ceiling, on any step or for the epoch) ends training before the epoch's
+    checkpoint: the result says where and why; nothing of that epoch is kept.
     """
     rank = comm.rank
     say = say or (_say(opts.name) if rank == 0 else (lambda msg: None))
@@ -197,13 +199,18 @@ def fit(state: TrainState, loader, val_loader, opts: FitOptions, *, start: int =
     for epoch in range(start, opts.epochs):
         torch.manual_seed(epoch_seed(opts.seed, epoch, rank))  # dropout: (seed, epoch, rank) only
         t0 = time.perf_counter()
-        train, bad_step = train_one_epoch(state.net, loader, state.optimizer, steps, epoch, opts,
-                                          comm, device, callbacks)
-        if bad_step is not None or not finite_weights(state.net, device):
-            loss = train[0].item() / max(train[1].item(), 1)
-            why = "the loss or the weights became NaN or infinite"
-            diverged = Diverged(epoch, bad_step, loss, state.schedule.lr, why)
-            say(f"training diverged at {diverged.where}: loss {loss:.4g}")
+        history = state.progress["history"]
+        first = history[0]["train_loss"] if history else None  # the guard's reference
+        train, bad = train_one_epoch(state.net, loader, state.optimizer, steps, epoch, opts, comm, device,
+                                     callbacks, ceiling=guard.ceiling(first, opts.num_classes))
+        loss = train[0].item() / max(train[1].item(), 1)
+        why = ((bad and (guard.explosion(bad[1], first, opts.num_classes)
+                         or f"the loss of step {bad[0] + 1} broke the guard on another worker"))
+               or guard.explosion(loss, first, opts.num_classes)
+               or (None if finite_weights(state.net, device) else "the weights became NaN or infinite"))
+        if why is not None:
+            diverged = Diverged(epoch, bad[0] if bad else None, loss, state.schedule.lr, why)
+            say(f"training diverged at {diverged.where}: {why}")
             return FitResult(state, diverged)
         t1 = time.perf_counter()
         val = validate(plain_net(state.net), val_loader, opts, comm, device)
@@ -228,10 +235,11 @@ def fit(state: TrainState, loader, val_loader, opts: FitOptions, *, start: int =
 
 
 def train_one_epoch(net: nn.Module, loader, optimizer, steps: int, epoch: int, opts: FitOptions,
-                    comm: Comm, device: torch.device, callbacks: Sequence[TrainCallback] = ()
-                    ) -> tuple[torch.Tensor, int | None]:
+                    comm: Comm, device: torch.device, callbacks: Sequence[TrainCallback] = (),
+                    ceiling: float = float("inf")) -> tuple[torch.Tensor, tuple[int, float] | None]:
     """One epoch of SGD; returns the all-reduced [loss sum, images, top-1 hits, top-5 hits]
-    and the first step (on any rank) whose loss was not finite, or None.
+    and (step, this rank's mean loss there) of the first step (on any rank) whose mean loss
+    was not finite or above `ceiling` (the divergence guard's), or None.
 
     Every rank runs `steps` steps; a rank whose share ran out runs an empty batch, which
     takes part in DDP's gradient all-reduce with zero gradients and then applies the same
@@ -241,8 +249,10 @@ def train_one_epoch(net: nn.Module, loader, optimizer, steps: int, epoch: int, o
     rank = comm.rank
     net.train()
     sums = torch.zeros(2 + len(TOPK), dtype=torch.float64, device=device)
-    # first step with a non-finite loss; kept on the device (no sync per step), read at the end
+    # the first step whose loss broke the guard, and that loss; kept on the device (no sync
+    # per step), read at the end
     bad_step = torch.tensor(steps, dtype=torch.long, device=device)
+    bad_loss = torch.zeros((), dtype=torch.float64, device=device)
     batches = iter(loader.epoch(epoch))
     wants_rows = any(cb.wants_rows for cb in callbacks)
     rows: list[int] = []
@@ -260,7 +270,10 @@ def train_one_epoch(net: nn.Module, loader, optimizer, steps: int, epoch: int, o
             if wants_rows:
                 rows += batch[2]["row"].tolist()
         step_sums = sgd_step(net, optimizer, images, labels, opts.per_worker_batch, opts.precision)
-        bad_step = torch.where(torch.isfinite(step_sums[0]), bad_step, bad_step.clamp(max=step))
+        mean = step_sums[0] / step_sums[1].clamp(min=1)
+        broke = ~torch.isfinite(mean) | (mean > ceiling)
+        bad_step = torch.where(broke, bad_step.clamp(max=step), bad_step)
+        bad_loss = torch.where(bad_step == step, mean, bad_loss)
         sums += step_sums
         every = opts.log_every
         if every and (step + 1) % every == 0:
@@ -279,7 +292,7 @@ def train_one_epoch(net: nn.Module, loader, optimizer, steps: int, epoch: int, o
         for cb in callbacks:
             cb.on_epoch_rows(epoch, rank, rows, steps)
     first_bad = _all(comm, bad_step, "min", device)
-    return comm.all_reduce(sums, "sum"), (first_bad if first_bad < steps else None)
+    return comm.all_reduce(sums, "sum"), ((first_bad, bad_loss.item()) if first_bad < steps else None)
 
 
 @torch.no_grad()
