@@ -20,6 +20,10 @@ import torch
 from test_augment import CROP, shard, spec, table  # noqa: F401 - shared shards + spec fixtures
 from vgg.data import loaders
 
+# torchvision 0.29 deprecates decode_jpeg in favour of TorchCodec (one warning per image)
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:The image decoding and encoding capabilities of TorchVision:DeprecationWarning")
+
 SCALE = (32, 56)  # jittered S: downscales the large images, upscales the small ones
 Q = 40
 
@@ -175,6 +179,34 @@ def test_training_step_on_a_torch_batch(shard, specs):
     images, labels = next(iter(loaders.build_train_loader(shard, specs["torch"], SCALE, 8)))
     out = sgd_step(net, opt, images, labels, 8, Precision())
     assert torch.isfinite(out).all() and out[1].item() == 8
+
+
+def test_stage_diagnostics(shard, specs):
+    """The augment stage's sample grid and pipeline checks run on the torch backend."""
+    grid = loaders.sample_grid(shard, specs["torch"], SCALE, n=4, cols=2)
+    assert grid.dtype == np.uint8 and grid.std() > 10
+    rates = loaders.check_pipelines(str(shard), specs["torch"], SCALE, batches=1, batch_size=4,
+                                    seed=0, log=lambda m: None)
+    assert set(rates) == {"train", "center", "dense", "multicrop"}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (batched GPU decoding)")
+def test_gpu_matches_cpu(shard, specs):
+    """device_id=int: decode_jpeg(list, device='cuda') and the ops on the GPU ~ the CPU result."""
+    gpu_spec = dataclasses.replace(specs["torch"], device="gpu")
+    gpu = loaders.build_train_loader(shard, gpu_spec, SCALE, 8, seed=4, device_id=0, debug=True)
+    cpu = loaders.build_train_loader(shard, specs["torch"], SCALE, 8, seed=4, debug=True)
+    for (g, gl, gi), (c, cl, ci) in zip(gpu.epoch(0), cpu.epoch(0)):
+        assert g.is_cuda and gl.is_cuda and g.shape == c.shape
+        assert torch.equal(gl.cpu(), cl) and torch.equal(gi["scale"], ci["scale"])
+        diff = (g.cpu() - c).abs()
+        assert diff.mean() < 1.0 and diff.max() < 12  # nvJPEG vs libjpeg-turbo, float vs uint8
+    for mode in ("center", "dense", "multicrop"):
+        g = loaders.build_eval_loader(shard, gpu_spec, Q, 4, mode=mode, grid=2, device_id=0)
+        c = loaders.build_eval_loader(shard, specs["torch"], Q, 4, mode=mode, grid=2)
+        for (gx, gy, gk), (cx, cy, ck) in zip(g, c):
+            assert gx.is_cuda and gk == ck and torch.equal(gy.cpu(), cy)
+            assert (gx.cpu() - cx).abs().mean() < 1.0
 
 
 BLOCKED = """

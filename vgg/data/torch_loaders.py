@@ -243,12 +243,12 @@ class TrainLoader(_Loader):
         def make(jpegs, labels, h, w, rows):
             p = train_params(rng, h, w, self.scale, spec)
             rh, rw = resized_hw(h, w, p["scale"])
-            mean = torch.from_numpy(p["mean"])
+            mean = torch.from_numpy(p["mean"]).to(self.device)  # mean - shift, per image
 
             def one(i: int, img: torch.Tensor) -> torch.Tensor:
                 img = rescale(img, (int(rh[i]), int(rw[i])), spec.interp)
                 return _window(img, int(p["y0"][i]), int(p["x0"][i]), spec.crop,
-                               bool(p["mirror"][i]), mean[i].to(img.device))
+                               bool(p["mirror"][i]), mean[i])
 
             def assemble(outs: list[torch.Tensor]) -> torch.Tensor:
                 out = torch.stack(outs)
@@ -308,7 +308,7 @@ class EvalLoader(_Loader):
         def one(i: int, img: torch.Tensor) -> torch.Tensor:
             img = rescale(img, (int(rh[i]), int(rw[i])), spec.interp)
             if self.mode == "center":
-                return _window(img, int(y0[i]), int(x0[i]), crop, False, mean.to(img.device))
+                return _window(img, int(y0[i]), int(x0[i]), crop, False, mean)
             return img
 
         def assemble(outs: list[torch.Tensor]) -> torch.Tensor:
