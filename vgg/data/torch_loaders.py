@@ -140,6 +140,7 @@ class _Loader:
         self.device_id, self.rank, self.world_size = device_id, rank, world_size
         self.device = torch.device("cpu" if device_id is None else f"cuda:{device_id}")
         self._pool: ThreadPoolExecutor | None = None
+        self._gpu_decode = True  # False after batched GPU decoding proved unavailable
         idx = fetcher.index
         self.num_samples = int(np.diff(share_bounds(idx.num_rows, rank, world_size))[0])
 
@@ -154,17 +155,23 @@ class _Loader:
         return self._pool
 
     def _decode(self, jpegs: list, rows: np.ndarray) -> list[torch.Tensor]:
-        """RGB uint8 (3, h, w) images of a batch on the device (GPU: one batched call)."""
+        """RGB uint8 (3, h, w) images of a batch on the device (GPU: one batched call).
+
+        Where batched GPU decoding fails although every image decodes on the CPU (a GPU
+        build of torch without nvJPEG, e.g. ROCm), the batch is decoded on the CPU and
+        moved to the device, and so are later batches (with a warning, once)."""
         data = [_as_tensor(j) for j in jpegs]
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and self._gpu_decode:
             try:
                 return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
-            except Exception as exc:  # noqa: BLE001 - name the culprit, decoding one by one
-                for r, d in zip(rows.tolist(), data):
-                    self._decode_one(d, r)
-                raise RuntimeError(f"augment: GPU decoding failed on rows {rows.tolist()[:8]}: "
-                                   f"{exc}") from exc
-        return [self._decode_one(d, r) for d, r in zip(data, rows.tolist())]
+            except Exception as exc:  # noqa: BLE001 - undecodable bytes or no GPU decoder
+                imgs = [self._decode_one(d, r) for d, r in zip(data, rows.tolist())]
+                self._gpu_decode = False
+                warnings.warn(f"augment: GPU JPEG decoding failed ({exc}); decoding on the "
+                              f"CPU and moving the images to {self.device}", RuntimeWarning)
+                return [img.to(self.device) for img in imgs]
+        imgs = [self._decode_one(d, r) for d, r in zip(data, rows.tolist())]
+        return [img.to(self.device) for img in imgs]
 
     def _decode_one(self, data: torch.Tensor, row: int) -> torch.Tensor:
         try:
