@@ -1,12 +1,20 @@
-"""Throughput of the DALI training loader vs a torchvision + DataLoader pipeline.
+"""Throughput of the loaders' backends (DALI, torch) side by side, and of the DALI
+training loader vs a torchvision + DataLoader pipeline.
 
-Both do the paper's training augmentation (isotropic rescale to a per-image
-S ~ U[Smin, Smax], one random crop, random flip, PCA colour shift, mean
-subtraction) from the same Parquet bytes, with the same number of CPU threads
-(DALI ``num_threads``) / DataLoader workers.
+Backends (``--backend dali|torch|both``): the loaders of `vgg.data.loaders` with
+``augment.backend`` dali or torch, same spec and shards, on the CPU with the same
+number of threads; images/s of the training loader and of the three evaluation
+loaders (centre crop, dense, multi-crop) at Q = single_test_scale(S).
+
+Baselines (``--tv-decode``, training only): the paper's training augmentation
+(isotropic rescale to a per-image S ~ U[Smin, Smax], one random crop, random flip,
+PCA colour shift, mean subtraction) from the same Parquet bytes with torchvision in a
+DataLoader, as many workers as the backends have threads. ``--tv-decode`` with no
+value skips them.
 
     tar xzf /work/shared/data/cifar10-jpeg.tar.gz -C /tmp
     python benchmarks/bench_augment.py --data /tmp/cifar10 --limit 5000
+    python benchmarks/bench_augment.py --data /tmp/cifar10 --limit 2000 --tv-decode --backend both
 
 Datasets: (a) CIFAR-10 JPEGs as they are, S in [32, 64], crop 32;
 (b) the same images upscaled to 224x224 and re-encoded, S in [256, 512], crop 224.
@@ -19,6 +27,7 @@ import functools
 import gc
 import io
 import random
+import dataclasses
 import sys
 import tempfile
 import time
@@ -37,8 +46,11 @@ from torchvision import transforms
 from torchvision.transforms import functional as TF
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from vgg.data.augmentation import AugmentSpec
-from vgg.data.loaders import build_train_loader  # noqa: E402
+from vgg.data.augmentation import AugmentSpec  # noqa: E402
+from vgg.data.loaders import build_eval_loader, build_train_loader  # noqa: E402
+from vgg.paper import single_test_scale  # noqa: E402
+
+KINDS = ("train", "center", "dense", "multicrop")
 
 SCHEMA = pa.schema([("key", pa.string()), ("label", pa.int32()), ("class_name", pa.string()),
                     ("image", pa.binary()), ("height", pa.int32()), ("width", pa.int32())])
@@ -137,6 +149,20 @@ def dali_batches(parquet, spec, scale, batch) -> Iterator:
         epoch += 1
 
 
+def backend_batches(parquet, spec, scale, kind, batch, eval_batch) -> Iterator:
+    """Endless batches of one loader kind of spec.backend (passes repeated)."""
+    if kind == "train":
+        loader = build_train_loader([parquet], spec, scale, batch, seed=0)
+        epoch = 0
+        while True:
+            yield from loader.epoch(epoch)
+            epoch += 1
+    q = single_test_scale(scale, spec.crop)
+    loader = build_eval_loader([parquet], spec, q, eval_batch, mode=kind, grid=5, flips=True)
+    while True:
+        yield from loader
+
+
 def timed(make: Callable[[], Iterator], n: int, warmup: int) -> tuple[float, float]:
     """(images/s, CPU microseconds per image) over n batches of a fresh loader.
 
@@ -170,6 +196,36 @@ def bench_case(parquet, spec, scale, args, timed_batches: int) -> dict[str, list
     return results
 
 
+def bench_backends(parquet, spec, scale, args, timed_batches: int) -> dict:
+    """{(kind, backend): [(img/s, cpu-us/img)]}, interleaved repeats."""
+    backends = ["dali", "torch"] if args.backend == "both" else [args.backend]
+    results: dict = {}
+    for _ in range(args.repeats):
+        for kind in KINDS:
+            n = timed_batches if kind == "train" else max(2, timed_batches // 2)
+            for b in backends:
+                make = functools.partial(backend_batches, parquet,
+                                         dataclasses.replace(spec, backend=b), scale, kind,
+                                         args.batch, args.eval_batch)
+                results.setdefault((kind, b), []).append(timed(make, n, args.warmup))
+    return results
+
+
+def report_backends(name: str, title: str, results: dict) -> None:
+    backends = sorted({b for _, b in results})
+    print(f"({name}) {title}: loaders by backend, CPU, images/s (median) and CPU us/image")
+    print("    " + f"{'kind':10s}" + "".join(f"{b + ' img/s':>14s}{'cpu-us/img':>12s}"
+                                         for b in backends)
+          + ("   dali/torch" if len(backends) == 2 else ""))
+    for kind in KINDS:
+        med = {b: (float(np.median([r[0] for r in results[(kind, b)]])),
+                   float(np.median([r[1] for r in results[(kind, b)]]))) for b in backends}
+        line = f"    {kind:10s}" + "".join(f"{med[b][0]:14.0f}{med[b][1]:12.0f}" for b in backends)
+        if len(backends) == 2:
+            line += f"   {med['dali'][0] / med['torch'][0]:8.2f}x"
+        print(line)
+
+
 def report(name: str, title: str, results: dict[str, list]) -> None:
     med = {k: (float(np.median([r[0] for r in v])), float(np.median([r[1] for r in v])))
            for k, v in results.items()}
@@ -196,15 +252,22 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--prefetch", type=int, default=2, help="DALI prefetch_queue_depth")
     ap.add_argument("--only", choices=["a", "b"], default=None)
-    ap.add_argument("--tv-decode", nargs="+", choices=["pil", "tensor"], default=["pil", "tensor"],
-                    help="torchvision baselines: PIL images, or decode_jpeg + tensor transforms")
+    ap.add_argument("--tv-decode", nargs="*", choices=["pil", "tensor"], default=["pil", "tensor"],
+                    help="torchvision baselines: PIL images, or decode_jpeg + tensor transforms "
+                         "(none given: no baselines)")
+    ap.add_argument("--backend", choices=["dali", "torch", "both", "none"], default="both",
+                    help="loaders' backends to time side by side (train, center, dense, "
+                         "multicrop); none: only DALI vs the torchvision baselines")
+    ap.add_argument("--eval-batch", type=int, default=16,
+                    help="evaluation batch (multi-crop: 50 crops per image)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     items = list_images(args.data, args.limit)
     cases = {"a": ("CIFAR-10 32px, S in [32, 64], crop 32", None, (32, 64), 32),
              "b": ("224px JPEGs, S in [256, 512], crop 224", 224, (256, 512), 224)}
-    print(f"{len(items)} images, batch {args.batch}, {args.threads} DALI threads = DataLoader "
-          f"workers, DALI prefetch {args.prefetch}, {args.repeats} interleaved repeats")
+    print(f"{len(items)} images, batch {args.batch} (eval {args.eval_batch}), {args.threads} "
+          f"loader threads = DataLoader workers, prefetch {args.prefetch}, {args.repeats} "
+          f"interleaved repeats, load average {' '.join(f'{x:.1f}' for x in psutil.getloadavg())}")
     with tempfile.TemporaryDirectory() as tmp:
         for i, (name, (title, size, scale, crop)) in enumerate(cases.items()):
             if args.only and name != args.only:
@@ -212,7 +275,11 @@ def main() -> None:
             parquet = write_shard(items, Path(tmp) / name, size)
             spec = AugmentSpec.from_stats(fake_stats(), crop=crop, device="cpu",
                                           num_threads=args.threads, prefetch=args.prefetch)
-            report(name, title, bench_case(parquet, spec, scale, args, args.batches[i]))
+            if args.backend != "none":
+                report_backends(name, title, bench_backends(parquet, spec, scale, args,
+                                                            args.batches[i]))
+            if args.tv_decode:
+                report(name, title, bench_case(parquet, spec, scale, args, args.batches[i]))
 
 if __name__ == "__main__":
     main()
