@@ -226,6 +226,10 @@ def test_channels_last(shard, spec):
     assert images.shape == (8, 3, CROP, CROP)
     assert images.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(images, ref_images)
+    # the centre crops of per-epoch validation too (they came out (B, H, W, C) before)
+    cl = next(iter(loaders.build_center_loader(shard, dataclasses.replace(spec, channels_last=True), 40, 8)))[0]
+    plain = next(iter(loaders.build_center_loader(shard, spec, 40, 8)))[0]
+    assert cl.shape == (8, 3, CROP, CROP) and torch.equal(cl, plain)
 
 
 def test_scale_fixed_and_jittered(shard, spec):

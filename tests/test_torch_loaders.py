@@ -211,13 +211,9 @@ def test_gpu_matches_cpu(shard, specs):
 
 BLOCKED = """
 import importlib.abc, sys
-# vgg.data.augmentation imports pipeline.config and vgg.data.shards pipeline.storage
-# (config + storage only, no Ray/MLflow); every other pipeline module is blocked.
-ALLOWED = {"pipeline", "pipeline.config", "pipeline.errors", "pipeline.storage"}
 class Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        top = name.split(".")[0]
-        if top in ("nvidia", "ray", "mlflow") or (top == "pipeline" and name not in ALLOWED):
+        if name.split(".")[0] in ("nvidia", "ray", "mlflow", "pipeline", "stages"):
             raise ImportError(f"blocked: {name}")
         return None
 sys.meta_path.insert(0, Block())
@@ -226,7 +222,7 @@ sys.meta_path.insert(0, Block())
 
 def test_runs_without_dali_ray_mlflow(shard, specs):
     """Build and iterate every torch loader in a fresh interpreter where importing nvidia,
-    ray, mlflow (and pipeline beyond config/storage) raises ImportError."""
+    ray, mlflow or the workflow raises ImportError."""
     code = BLOCKED + textwrap.dedent(f"""
         import dataclasses, json
         from vgg.data import loaders

@@ -36,8 +36,8 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator
 from nvidia.dali.tensors import TensorListCPU
 
 from vgg.data.augmentation import AugmentSpec, center_params, resized_hw, train_params
-from vgg.data.shards import (TAG_PARAMS, RowFetcher, ShardIndex, check_int, read_sizes, share_bounds,
-                             share_rows, shard_files)
+from vgg.data.sampling import center_batches, check_int, dense_batches, share_bounds, train_batches
+from vgg.data.shards import RowFetcher, ShardIndex, read_sizes, shard_files
 from vgg.evaluation.scoring import grid_crops
 from vgg.paper import Scale, parse_scale, single_test_scale
 
@@ -110,10 +110,10 @@ class _TrainSource(_Source):
 
     def batches_plan(self, epoch: int) -> list[np.ndarray]:
         idx = self.fetcher.index
-        rows = share_rows(idx.num_rows, self.rank, self.world_size, self.seed, epoch,
-                          block_sizes=idx.block_sizes, window_blocks=self.spec.window_blocks)
-        self._rng = np.random.default_rng([self.seed, epoch, TAG_PARAMS, self.rank])
-        return [rows[i:i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
+        plan, self._rng = train_batches(idx.num_rows, self.batch_size, self.rank, self.world_size,
+                                        self.seed, epoch, block_sizes=idx.block_sizes,
+                                        window_blocks=self.spec.window_blocks)
+        return plan
 
     def make_batch(self, jpegs, labels, h, w, rows) -> list:
         p = train_params(self._rng, h, w, self.scale, self.spec)
@@ -131,9 +131,7 @@ class _CenterSource(_Source):
         self.spec, self.q, self.rank, self.world_size = spec, q, rank, world_size
 
     def batches_plan(self, epoch: int) -> list[np.ndarray]:
-        lo, hi = share_bounds(self.fetcher.index.num_rows, self.rank, self.world_size)
-        rows = np.arange(lo, hi, dtype=np.int64)
-        return [rows[i:i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
+        return center_batches(self.fetcher.index.num_rows, self.batch_size, self.rank, self.world_size)
 
     def make_batch(self, jpegs, labels, h, w, rows) -> list:
         p = center_params(h, w, self.q, self.spec)
@@ -168,16 +166,7 @@ class _DenseSource(_Source):
         idx = self.fetcher.index
         lo, hi = share_bounds(idx.num_rows, self.rank, self.world_size)
         h, w = read_sizes(idx, lo, hi)
-        rh, rw = resized_hw(h, w, np.full(len(h), self.q))
-        pending: dict[tuple[int, int], list[int]] = {}
-        plan: list[np.ndarray] = []
-        for i, key in enumerate(zip(rh.tolist(), rw.tolist())):
-            bucket = pending.setdefault(key, [])
-            bucket.append(lo + i)
-            if len(bucket) == self.batch_size:
-                plan.append(np.asarray(pending.pop(key), np.int64))
-        plan.extend(np.asarray(b, np.int64) for b in pending.values())
-        return plan
+        return dense_batches(lo, *resized_hw(h, w, np.full(len(h), self.q)), self.batch_size)
 
     def make_batch(self, jpegs, labels, h, w, rows) -> list:
         rh, rw = resized_hw(h, w, np.full(len(h), self.q))
@@ -398,6 +387,8 @@ class EvalLoader(_Loader):
         for out in self._pass(0):
             rows = out["row"].reshape(-1).tolist()
             images, labels = out["images"], out["labels"].reshape(-1)
+            if self.spec.channels_last and self.mode == "center":  # the ROI pipeline's HWC
+                images = images.permute(0, 3, 1, 2)  # (B, C, H, W) view, NHWC memory
             if self.mode == "multicrop":
                 images = grid_crops(images, self.spec.crop, self.grid, self.flips)
             yield images, labels, [keys.pop(r) for r in rows]

@@ -76,3 +76,40 @@ def num_batches(num_rows: int, rank: int, world_size: int, batch_size: int) -> i
     check_int("batch_size", batch_size, 1)
     lo, hi = share_bounds(num_rows, rank, world_size)
     return -(-(hi - lo) // batch_size)
+
+
+# --------------------------------------------------------------------------
+# Batch plans: the same for every loader backend (DALI, torch, images in memory)
+
+
+def train_batches(num_rows: int, batch_size: int, rank: int, world_size: int, seed: int, epoch: int, *,
+                  block_sizes: Sequence[int] | None = None, window_blocks: int = 8
+                  ) -> tuple[list[np.ndarray], np.random.Generator]:
+    """Batches of rows of rank's share of an epoch (`share_rows`), and the Generator the
+    per-sample parameters (`vgg.data.augmentation.train_params`) are drawn from, batch by
+    batch: both depend on (seed, epoch, rank) only."""
+    rows = share_rows(num_rows, rank, world_size, seed, epoch, block_sizes=block_sizes,
+                      window_blocks=window_blocks)
+    rng = np.random.default_rng([seed, epoch, TAG_PARAMS, rank])
+    return [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)], rng
+
+
+def center_batches(num_rows: int, batch_size: int, rank: int, world_size: int) -> list[np.ndarray]:
+    """Rank's contiguous share in row order, in batches (validation, centre crops)."""
+    lo, hi = share_bounds(num_rows, rank, world_size)
+    rows = np.arange(lo, hi, dtype=np.int64)
+    return [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+
+
+def dense_batches(lo: int, rh: np.ndarray, rw: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """Rows lo, lo+1, ... (rescaled to sizes (rh, rw)) in batches of one size each: a bucket
+    is emitted when full, partial ones at the end (whole images at one test scale)."""
+    pending: dict[tuple[int, int], list[int]] = {}
+    plan: list[np.ndarray] = []
+    for i, key in enumerate(zip(np.asarray(rh).tolist(), np.asarray(rw).tolist())):
+        bucket = pending.setdefault(key, [])
+        bucket.append(lo + i)
+        if len(bucket) == batch_size:
+            plan.append(np.asarray(pending.pop(key), np.int64))
+    plan.extend(np.asarray(b, np.int64) for b in pending.values())
+    return plan

@@ -36,9 +36,8 @@ import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from vgg.data.augmentation import AugmentSpec, resized_hw, train_params
-from vgg.data.loaders import resolve_device_id
-from vgg.data.shards import (TAG_PARAMS, RowFetcher, ShardIndex, check_int, read_sizes,
-                             share_bounds, share_rows, shard_files)
+from vgg.data.sampling import center_batches, check_int, dense_batches, share_bounds, train_batches
+from vgg.data.shards import RowFetcher, ShardIndex, read_sizes, shard_files
 from vgg.evaluation.scoring import grid_crops
 from vgg.paper import Scale, parse_scale
 
@@ -53,45 +52,26 @@ _MODES = {"linear": "bilinear", "cubic": "bicubic", "lanczos3": "bicubic"}
 
 
 # --------------------------------------------------------------------------
-# Batch plans (which rows, in which order, per batch)
-#
-# Copied from the DALI sources so this module never imports vgg.data.dali (which
-# imports nvidia.dali); they should move to a shared module (vgg.data.shards).
+# Batch plans (which rows, in which order, per batch): vgg.data.sampling's, as DALI's
 
 
 def train_plan(index: ShardIndex, batch_size: int, rank: int, world_size: int, seed: int,
                epoch: int, window_blocks: int) -> tuple[list[np.ndarray], np.random.Generator]:
-    """Batches of global rows of rank's epoch share, and the Generator of the per-sample
-    parameters (copy of `vgg.data.dali._TrainSource.batches_plan`)."""
-    rows = share_rows(index.num_rows, rank, world_size, seed, epoch,
-                      block_sizes=index.block_sizes, window_blocks=window_blocks)
-    rng = np.random.default_rng([seed, epoch, TAG_PARAMS, rank])
-    return [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)], rng
+    """`vgg.data.sampling.train_batches` over the shards' row groups."""
+    return train_batches(index.num_rows, batch_size, rank, world_size, seed, epoch,
+                         block_sizes=index.block_sizes, window_blocks=window_blocks)
 
 
 def center_plan(index: ShardIndex, batch_size: int, rank: int, world_size: int) -> list[np.ndarray]:
-    """Rank's contiguous share in file order (copy of `vgg.data.dali._CenterSource.batches_plan`)."""
-    lo, hi = share_bounds(index.num_rows, rank, world_size)
-    rows = np.arange(lo, hi, dtype=np.int64)
-    return [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+    return center_batches(index.num_rows, batch_size, rank, world_size)
 
 
 def dense_plan(index: ShardIndex, batch_size: int, q: int, rank: int,
                world_size: int) -> list[np.ndarray]:
-    """Rank's share bucketed by size at shorter side Q: a bucket is emitted when full,
-    partial ones at the end (copy of `vgg.data.dali._DenseSource._bucket_plan`)."""
+    """`vgg.data.sampling.dense_batches` of rank's share at shorter side Q."""
     lo, hi = share_bounds(index.num_rows, rank, world_size)
     h, w = read_sizes(index, lo, hi)
-    rh, rw = resized_hw(h, w, np.full(len(h), q))
-    pending: dict[tuple[int, int], list[int]] = {}
-    plan: list[np.ndarray] = []
-    for i, key in enumerate(zip(rh.tolist(), rw.tolist())):
-        bucket = pending.setdefault(key, [])
-        bucket.append(lo + i)
-        if len(bucket) == batch_size:
-            plan.append(np.asarray(pending.pop(key), np.int64))
-    plan.extend(np.asarray(b, np.int64) for b in pending.values())
-    return plan
+    return dense_batches(lo, *resized_hw(h, w, np.full(len(h), q)), batch_size)
 
 
 # --------------------------------------------------------------------------
@@ -355,7 +335,7 @@ def build_train_loader(source: str | Path | Sequence[str | Path], spec: AugmentS
     share_bounds(1, rank, world_size)  # validates rank/world_size
     fetcher = RowFetcher(ShardIndex(shard_files(source, split)))
     return TrainLoader(fetcher, spec, rng_scale, batch_size, rank, world_size, seed,
-                       resolve_device_id(spec, device_id), debug, start_epoch)
+                       device_id, debug, start_epoch)
 
 
 def build_eval_loader(source: str | Path | Sequence[str | Path], spec: AugmentSpec, q: int,
@@ -378,7 +358,7 @@ def build_eval_loader(source: str | Path | Sequence[str | Path], spec: AugmentSp
     fetcher = RowFetcher(ShardIndex(shard_files(source, split)), with_keys=True,
                          copy_rows=mode != "center")
     return EvalLoader(fetcher, spec, q, batch_size, rank, world_size,
-                      resolve_device_id(spec, device_id), mode, grid, flips)
+                      device_id, mode, grid, flips)
 
 
 def build_center_loader(source, spec: AugmentSpec, q: int, batch_size: int, **kw) -> EvalLoader:
