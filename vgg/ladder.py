@@ -4,6 +4,7 @@ multi-crop, both; single and multi-scale), fuse, and build the report (Tables 3-
 intervals, the claims judged, the depth plot).
 
     python -m vgg.ladder configs/imagenette.yaml --data /data/imagenette-128 --out /tmp/ladder
+    python -m vgg.ladder configs/imagenette.yaml --cost 9469 1966     # FLOPs per net, no run
 
 The same config file runs on a Ray cluster through `python pipeline/run.py --config ...`;
 this entry point takes its experiment sections (the workflow's keys are ignored) and runs
@@ -251,16 +252,59 @@ def _eta(summary: dict[str, Any], total: int, elapsed: float) -> str:
     return f"{s // 60}:{s % 60:02d}"
 
 
+def plan_cost(cfg: ExperimentConfig, train_images: int, val_images: int) -> dict[str, dict[str, float]]:
+    """FLOPs of the ladder per net (`vgg.models.forward_macs` at the crop): training is
+    6 x MACs per image (forward 2, backward 4 FLOPs per MAC) x images x epochs; evaluation
+    is 2 x MACs x (the grid's crops, flips, + 2 dense passes weighted by (Q/crop)^2) per
+    image per test scale."""
+    from vgg.models import build_vgg
+
+    t, e, crop = cfg.train, cfg.evaluate, cfg.augment.crop
+    out = {}
+    for name in plan_order(t.nets):
+        plan = t.nets[name]
+        with torch.device("meta"):
+            net = build_vgg(plan.arch, num_classes=10, width=t.width, crop=crop)
+        macs = forward_macs(net)
+        epochs = plan.epochs if plan.epochs is not None else t.max_epochs
+        q_single, q_multi = q_sets(plan.scale, crop, e)
+        qs = sorted({q_single, *q_multi})
+        crops = e.grid * e.grid * (2 if e.flips else 1)
+        per_image = sum(crops + (2 if e.flips else 1) * (q / crop) ** 2 for q in qs)
+        out[name] = {"forward_gmacs": macs / 1e9, "epochs": epochs,
+                     "train_pflop": 6 * macs * train_images * epochs / 1e15,
+                     "evaluate_pflop": 2 * macs * val_images * per_image / 1e15}
+    return out
+
+
+def _print_cost(args) -> int:
+    cfg = load_experiment(args.config, [*args.set, "data.root=/unused"])
+    cost = plan_cost(cfg, *args.cost)
+    print(f"{'net':8} {'GMACs':>6} {'epochs':>6} {'train PFLOP':>11} {'eval PFLOP':>10}")
+    for name, c in cost.items():
+        print(f"{name:8} {c['forward_gmacs']:6.2f} {c['epochs']:6d} {c['train_pflop']:11.2f} "
+              f"{c['evaluate_pflop']:10.2f}")
+    total = sum(c["train_pflop"] + c["evaluate_pflop"] for c in cost.values())
+    print(f"total {total:.1f} PFLOP: {total * 1e15 / 300e12:.0f} s at 300 TFLOP/s (30% of an H100's bf16 peak)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m vgg.ladder", description=__doc__.split("\n\n")[0])
     p.add_argument("config", help="a config file (configs/imagenette.yaml)")
     p.add_argument("--data", help="the image folder (<data>/train/<class>/*, <data>/val/<class>/*); "
                                   "default: the config's data.root")
-    p.add_argument("--out", required=True, help="the output folder")
+    p.add_argument("--out", help="the output folder (required unless --cost)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if there is one)")
+    p.add_argument("--cost", nargs=2, type=int, metavar=("TRAIN_IMAGES", "VAL_IMAGES"),
+                   help="print the FLOPs of every net's training and evaluation and exit (no data read)")
     args = p.parse_args(argv)
+    if not args.out and not args.cost:
+        p.error("--out is required")
     try:
+        if args.cost:
+            return _print_cost(args)
         cfg = load_experiment(args.config, [*args.set, *([f"data.root={args.data}"] if args.data else [])])
         root = cfg.data.root
         if root is None:
