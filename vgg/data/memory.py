@@ -107,6 +107,8 @@ class ImageStore:
         """
         check_int("batch", batch, 1)
         device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         n = len(paths)
         if len(labels) != n or len(keys) != n:
             raise ValueError("paths, labels and keys must have the same length")
