@@ -33,7 +33,8 @@ from PIL import Image
 
 from vgg.data.augmentation import AugmentSpec, resized_hw, train_params
 from vgg.data.folders import list_image_folder
-from vgg.data.sampling import TAG_PARAMS, check_int, share_bounds, share_rows
+from vgg.data.sampling import (center_batches, check_int, dense_batches, share_bounds, share_rows,
+                               train_batches)
 from vgg.data.statistics import rgb_statistics
 from vgg.evaluation.scoring import grid_crops
 from vgg.paper import Scale, parse_scale
@@ -374,10 +375,10 @@ class MemoryTrainLoader:
         """Iterate one epoch (deterministic order and augmentation for (seed, epoch, rank))."""
         self.next_epoch = epoch + 1
         st, spec = self.store, self.spec
-        rows = self.rows(epoch)
-        rng = np.random.default_rng([self.seed, epoch, TAG_PARAMS, self.rank])
-        for i in range(0, len(rows), self.batch_size):
-            r = rows[i:i + self.batch_size]
+        n = len(st)
+        plan, rng = train_batches(n, self.batch_size, self.rank, self.world_size, self.seed, epoch,
+                                  block_sizes=[n], window_blocks=spec.window_blocks)
+        for r in plan:
             h, w = st.h_np[r], st.w_np[r]
             p = train_params(rng, h, w, self.scale, spec)
             rh, rw = resized_hw(h, w, p["scale"])
@@ -430,19 +431,10 @@ class MemoryEvalLoader:
         self._upload = _Uploader(store.device)
 
     def _make_plan(self, lo: int, hi: int) -> list[np.ndarray]:
-        rows = np.arange(lo, hi, dtype=np.int64)
         if self.mode == "center":
-            return [rows[i:i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
+            return center_batches(len(self.store), self.batch_size, self.rank, self.world_size)
         rh, rw = resized_hw(self.store.h_np[lo:hi], self.store.w_np[lo:hi], np.full(hi - lo, self.q))
-        pending: dict[tuple[int, int], list[int]] = {}
-        plan: list[np.ndarray] = []
-        for i, key in enumerate(zip(rh.tolist(), rw.tolist())):
-            bucket = pending.setdefault(key, [])
-            bucket.append(lo + i)
-            if len(bucket) == self.batch_size:
-                plan.append(np.asarray(pending.pop(key), np.int64))
-        plan.extend(np.asarray(b, np.int64) for b in pending.values())
-        return plan
+        return dense_batches(lo, rh, rw, self.batch_size)
 
     def batches_plan(self) -> list[np.ndarray]:
         """The store rows of each batch, in order."""
