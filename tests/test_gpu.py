@@ -120,3 +120,41 @@ def test_cuda_smoke_train_epoch_checkpoint_and_scoring():
         assert probs.is_cuda and torch.allclose(probs.sum(1), torch.ones(4, device=device), atol=1e-4)
     finally:
         dist.destroy_process_group()
+
+
+class SizedBatches:
+    """Dense evaluation batches at one Q: images of a few sizes (one size per batch)."""
+
+    def __init__(self, q: int, n: int = 3):
+        g = torch.Generator().manual_seed(q)
+        sizes = [(q, q), (q, q + 8), (q + 16, q)]
+        self.batches = [(torch.randn(2, 3, *sizes[i % 3], generator=g), torch.zeros(2, dtype=torch.long),
+                         [f"{q}-{i}-{j}" for j in range(2)]) for i in range(n)]
+        self.num_samples = 2 * n
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+def test_compiled_evaluation_compiles_a_few_graphs_not_one_per_image_size(monkeypatch):
+    """Every test scale and image size through one compiled scorer (dynamo with the eager
+    backend: the graphs and guards of torch.compile without code generation): a handful of
+    graphs, no recompile storm (the stage's scoring once hit dynamo's recompile limit, 8,
+    and fell back to eager: inference_mode vs not)."""
+    import functools
+
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from vgg.evaluation.shares import score_share
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    torch._dynamo.reset()
+    counters.clear()
+    net = build_vgg("A", num_classes=4, width=0.125, crop=32).eval()
+    scorer = Scorer.of(net, compile=True)
+    for _ in range(2):  # a second net's evaluation, or the next epoch's: no new graphs
+        score_share(scorer, SizedBatches, [32, 40, 48], torch.device("cpu"), grid=2, batch_size=8)
+    graphs = counters["stats"]["unique_graphs"]
+    assert 1 <= graphs <= 6, dict(counters["stats"])
+    assert not counters["recompiles"] or sum(counters["recompiles"].values()) < 8, dict(counters["recompiles"])
