@@ -46,7 +46,7 @@ from vgg.config import ShardConfig
 from vgg.data.statistics import pixel_sums, rgb_statistics
 from vgg.storage import StageOutput, resolve_uri, write_bytes
 from vgg.artifacts import CONVERTED_FILE, SKIPPED_FILE, write_shard_index
-from vgg.data.folders import DatasetError, Listing
+from vgg.data.folders import DatasetError, Listing, subsample
 from vgg.data.layouts import list_dataset
 from vgg.data.imagenet import TAR_SCHEME, read_member
 
@@ -222,25 +222,6 @@ class Encode:
 
 
 # ------------------------------------------------------------------ the stage function
-
-
-def subsample(listing: Listing, per_class: dict[str, int | None], seed: int) -> Listing:
-    """At most per_class[split] files of each class of each split: a seeded random subset,
-    in the listing's order (None: every file)."""
-    files = {}
-    for split, rows in listing.files.items():
-        limit = per_class.get(split)
-        if limit is None:
-            files[split] = rows
-            continue
-        rng = np.random.default_rng([seed, 0 if split == "train" else 1])
-        by_class: dict[str, list[int]] = {}
-        for i, (_, _, c) in enumerate(rows):
-            by_class.setdefault(c, []).append(i)
-        keep = sorted(j for idx in by_class.values()
-                      for j in (idx if len(idx) <= limit else rng.choice(idx, limit, replace=False)))
-        files[split] = [rows[j] for j in keep]
-    return dataclasses.replace(listing, files=files)
 
 
 def shard(root: str, out: StageOutput, cfg: ShardConfig, log=print,

@@ -25,7 +25,8 @@ from tests.conftest import DEMO, write_images
 from vgg.data import imagenet
 from vgg.data.folders import DatasetError, list_image_folder
 from vgg.data.layouts import list_dataset
-from pipeline.sharding import _read, shard, subsample
+from pipeline.sharding import _read, shard
+from vgg.data.folders import subsample
 
 # ILSVRC2012_ID 1, 2, 3 in this order: not sorted by wnid, on purpose; 4 is an inner node
 DEVKIT_ORDER = ["n00000002", "n00000003", "n00000001"]

@@ -44,6 +44,7 @@ BLOCKED = ("ray", "mlflow", "pyarrow", "nvidia", "pipeline", "stages")
 ADAPTERS = {
     "vgg.data.dali": "nvidia",  # augment.backend: dali (vgg.data.loaders imports it when chosen)
     "vgg.data.shards": "pyarrow",  # reading the Parquet shards (the loaders' row source)
+    "vgg.data.torch_loaders": "pyarrow",  # augment.backend: torch, over the Parquet shards
     "vgg.results.parquet": "pyarrow",  # .parquet posteriors files (vgg.results.metrics, by extension)
 }
 

@@ -199,7 +199,7 @@ def test_odd_names_and_links_are_listed_as_skipped_never_dropped(tmp_path, folde
 
 
 def test_subsample_takes_a_seeded_subset_per_class(folder):
-    from pipeline.sharding import subsample
+    from vgg.data.folders import subsample
 
     listing = list_image_folder(str(folder))
     small = subsample(listing, {"train": 2, "val": None}, seed=0)

@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from vgg.artifacts import (HISTORY_FILE, Evaluation, Fusion, write_evaluation, write_fusion, write_model,
+from vgg.artifacts import (HISTORY_FILE, MODEL_FILE, Evaluation, Fusion, write_evaluation, write_fusion, write_model,
                            write_report)
 from vgg.config import ExperimentConfig, NetPlan, load_experiment, to_dict
 from vgg.data.augmentation import AugmentSpec, spec_from_config
@@ -104,7 +104,12 @@ def run_ladder(cfg: ExperimentConfig, data_root: str, out_dir: str, device: torc
 
     t_start = time.perf_counter()
     t, e = cfg.train, cfg.evaluate
-    classes, train_set, val_set = memory.folder_stores(data_root, device)
+    if cfg.data.layout != "folders":
+        raise LadderError(f"data.layout: the ladder reads image folders (<data>/train/<class>/*, "
+                          f"<data>/val/<class>/*), not {cfg.data.layout!r}; the pipeline reads that layout")
+    per_class = {"train": cfg.data.train_per_class, "val": cfg.data.val_per_class}
+    classes, train_set, val_set = memory.folder_stores(data_root, device, per_class=per_class,
+                                                       seed=cfg.shard.seed)
     say(f"data: {len(train_set)} training and {len(val_set)} validation images of {len(classes)} "
         f"classes in {device} memory ({time.perf_counter() - t_start:.1f} s)")
     spec = spec_from_config(cfg.augment, memory.rgb_stats(train_set))
@@ -125,7 +130,7 @@ def run_ladder(cfg: ExperimentConfig, data_root: str, out_dir: str, device: torc
         uri = StageOutput.at(os.path.join(out_dir, "train", name))
         write_model(uri, net, record["meta"])
         write_json(uri.fs, uri.join(HISTORY_FILE), record["history"])
-        trained[name] = _Trained(uri.file_uri("model.pt"), net, record["meta"])
+        trained[name] = _Trained(uri.file_uri(MODEL_FILE), net, record["meta"])
         entry = {"arch": plan.arch, "scale": plan.scale, "epochs": len(record["history"]["epochs"]),
                  "train_seconds": time.perf_counter() - t0, "images_per_s": record["images_per_s"],
                  "forward_macs": forward_macs(net)}

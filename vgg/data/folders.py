@@ -8,10 +8,12 @@ writes them to skipped.csv).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import posixpath
 from dataclasses import dataclass
 
+import numpy as np
 
 from vgg.errors import UserError
 from vgg.storage import exists, is_local, resolve_uri
@@ -133,3 +135,22 @@ def list_image_folder(root: str) -> Listing:
             skipped += [(key(n), why) for n, why in inside.problems]
         files[split] = sorted(rows)
     return Listing(classes, files, sorted(skipped))
+
+
+def subsample(listing: Listing, per_class: dict[str, int | None], seed: int) -> Listing:
+    """At most per_class[split] files of each class of each split: a seeded random subset,
+    in the listing's order (None: every file)."""
+    files = {}
+    for split, rows in listing.files.items():
+        limit = per_class.get(split)
+        if limit is None:
+            files[split] = rows
+            continue
+        rng = np.random.default_rng([seed, 0 if split == "train" else 1])
+        by_class: dict[str, list[int]] = {}
+        for i, (_, _, c) in enumerate(rows):
+            by_class.setdefault(c, []).append(i)
+        keep = sorted(j for idx in by_class.values()
+                      for j in (idx if len(idx) <= limit else rng.choice(idx, limit, replace=False)))
+        files[split] = [rows[j] for j in keep]
+    return dataclasses.replace(listing, files=files)

@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 
 from vgg.data.augmentation import AugmentSpec, resized_hw, train_params
-from vgg.data.folders import list_image_folder
+from vgg.data.folders import list_image_folder, subsample
 from vgg.data.sampling import (center_batches, check_int, dense_batches, share_bounds, share_rows,
                                train_batches)
 from vgg.data.statistics import rgb_statistics
@@ -165,12 +165,14 @@ def _decode(data: list[torch.Tensor], paths: Sequence[str], device: torch.device
 
 
 def folder_stores(root: str, device: str | torch.device = "cpu", batch: int = 256,
-                  progress: Callable[[str, int, int], None] | None = None
+                  progress: Callable[[str, int, int], None] | None = None,
+                  per_class: dict[str, int | None] | None = None, seed: int = 0
                   ) -> tuple[list[str], ImageStore, ImageStore]:
     """(classes, train store, val store) of an image folder `<root>/{train,val}/<class>/*`
     (`vgg.data.folders.list_image_folder`: rows sorted by key, labels = class index in
-    sorted class order). ``progress(split, done, total)`` after each decoded batch."""
-    listing = list_image_folder(root)
+    sorted class order; at most per_class[split] images of each class, the shard stage's
+    seeded subset). ``progress(split, done, total)`` after each decoded batch."""
+    listing = subsample(list_image_folder(root), per_class or {}, seed)
     index = {c: i for i, c in enumerate(listing.classes)}
     stores = []
     for split in ("train", "val"):
