@@ -7,9 +7,16 @@ augment backend; shares differ by at most one image); the global batch `train.ba
 is split across the workers. Every epoch ends with a single-scale centre-crop validation
 (sharded, counts all-reduced) that drives the lr schedule, and a checkpoint (rank 0)
 reported by every rank. Ray Train keeps the best `keep_checkpoints` by validation top-1
-accuracy plus the latest, restarts failed workers from the latest checkpoint
-(`max_failures`), and - because the run lives in the stage's scratch directory under a
-fixed name - resumes an interrupted run at the next epoch.
+accuracy plus the latest and restarts failed workers from the latest checkpoint
+(`max_failures`).
+
+Resuming an interrupted stage is ours, not Ray's snapshot's: every run of the stage is a
+new Ray run (`ray_train-<time>-<token>` in the stage's scratch directory), started from
+the newest checkpoint on disk that is complete (`scan_checkpoints`: a manifest with the
+state file's size and SHA-256 beside it; damaged or partial ones are skipped and named).
+A checkpoint counts only once complete, so a kill at any instant loses at most the epoch
+in progress; and Ray's processes of a killed run (they outlive a kill by seconds) write
+only into their own run's folder, never into the next run's.
 
 The loop itself is the library's; this module passes it Ray's services: the process
 group (`TorchDistributed`), the device, a checkpoint sink (`ray.train.report`) and an
@@ -19,11 +26,15 @@ MLflow callback (rank 0).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import io
 import json
 import os
+import posixpath
 import sys
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,11 +61,12 @@ from vgg.training.schedule import schedule_of
 from vgg.training.steps import Precision
 
 STATE_FILE = "state.pt"  # inside each Ray Train checkpoint
-OUTCOME_FILE = "worker_outcome.json"  # in the scratch directory: see _tell_driver
-RUN_NAME = "ray_train"  # fixed: (scratch dir, name) identifies the run to resume
+MANIFEST_FILE = "state.json"  # beside it: its size and SHA-256, epoch and score
+RUN_PREFIX = "ray_train"  # each run of the stage: <scratch>/ray_train-<time>-<token>/epoch_NNNN/
+OUTCOME_SUFFIX = ".outcome.json"  # <scratch>/<run name>.outcome.json: see _tell_driver
 
-__all__ = ["OUTCOME_FILE", "RUN_NAME", "STATE_FILE", "TrainCallback", "WorkerPlan", "best_and_last",
-           "has_checkpoint", "read_checkpoint", "read_outcome", "trainer"]
+__all__ = ["MANIFEST_FILE", "STATE_FILE", "SavedCheckpoint", "TrainCallback", "WorkerPlan", "best_and_last",
+           "new_run_name", "outcome_uri", "read_checkpoint", "read_outcome", "scan_checkpoints", "trainer"]
 
 
 @dataclass(frozen=True)
@@ -74,6 +86,7 @@ class WorkerPlan:
     mlflow_env: dict[str, str] = field(default_factory=dict)  # tracking.http_retry_env
     outcome_uri: str = ""  # where workers leave what the driver must know (_tell_driver)
     system_metrics: SystemMetrics | None = None  # where each node's system metrics go
+    resume_uri: str = ""  # the checkpoint folder to start from when this Ray run has none yet
 
     @property
     def train(self) -> TrainConfig:
@@ -186,8 +199,11 @@ def _restore(plan: WorkerPlan, device: torch.device, ctx, logger: MlflowLogger) 
     t = plan.train
     net = empty_net(plan.net.arch, num_classes=plan.num_classes, width=t.width,
                     crop=plan.spec["crop"], dropout=t.dropout, batch_norm=t.batch_norm)
-    checkpoint = ray.train.get_checkpoint()
-    saved = read_checkpoint(checkpoint) if checkpoint is not None else None
+    checkpoint = ray.train.get_checkpoint()  # this Ray run's own, after a worker restart
+    if checkpoint is not None:
+        saved = read_checkpoint(checkpoint)
+    else:  # an earlier run's, chosen by the driver (scan_checkpoints)
+        saved = _read_state(plan.resume_uri) if plan.resume_uri else None
     net.load_state_dict(read_weights(plan.init_uri) if saved is None else saved["model"])
     net = plan.precision.net(net)
     net = ray.train.torch.prepare_model(net)  # DDP (world > 1); broadcasts rank 0's weights
@@ -220,6 +236,12 @@ def read_checkpoint(checkpoint) -> dict[str, Any]:
         return torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
 
 
+def _read_state(folder_uri: str) -> dict[str, Any]:
+    fs, path = resolve_uri(folder_uri)
+    return torch.load(io.BytesIO(read_bytes(fs, posixpath.join(path, STATE_FILE))), map_location="cpu",
+                      weights_only=True)
+
+
 def _loaders(plan: WorkerPlan, rank: int, world: int, device: torch.device, start: int):
     """This worker's training loader (its share) and centre-crop validation loader."""
     spec = AugmentSpec.from_dict(plan.spec)
@@ -247,7 +269,14 @@ def _reporter(plan: WorkerPlan, rank: int):
             checkpoint = None
             if rank == 0:
                 saved = {**state.state_dict(), "config": to_dict(plan.section), "mlflow_run_id": plan.run_id}
-                torch.save(saved, os.path.join(tmp, STATE_FILE))
+                buf = io.BytesIO()
+                torch.save(saved, buf)
+                data = buf.getvalue()
+                with open(os.path.join(tmp, STATE_FILE), "wb") as f:
+                    f.write(data)
+                with open(os.path.join(tmp, MANIFEST_FILE), "w") as f:  # what "complete" means
+                    json.dump({"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                               "epoch": state.epoch, SCORE: record[SCORE]}, f)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch_{state.epoch:04d}")
 
@@ -281,12 +310,70 @@ def _placement(ctx, device: torch.device) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------- the driver's side
-def has_checkpoint(scratch: StageOutput) -> bool:
-    """Whether an earlier run of this stage and key left a Ray Train checkpoint (a resume)."""
-    run = scratch.join(RUN_NAME)
-    if not exists(scratch.fs, run):
-        return False
-    return any(e.base_name.startswith("epoch_") for e in list_dir(scratch.fs, run))
+@dataclass(frozen=True)
+class SavedCheckpoint:
+    """A complete checkpoint on disk: its folder, epoch, score and the Ray run it belongs to."""
+
+    uri: str  # the checkpoint folder
+    run: str  # the Ray run's folder name (ray_train-...)
+    epoch: int
+    score: float
+
+
+def new_run_name() -> str:
+    """A fresh Ray run name for one run of a train stage (sorts by start time)."""
+    return f"{RUN_PREFIX}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+def outcome_uri(scratch: StageOutput, run: str) -> str:
+    return scratch.file_uri(run + OUTCOME_SUFFIX)
+
+
+def _check(fs, folder: str) -> tuple[int, float]:
+    """(epoch, score) of a complete checkpoint folder; raises ValueError saying what is wrong."""
+    state_path, manifest_path = posixpath.join(folder, STATE_FILE), posixpath.join(folder, MANIFEST_FILE)
+    if not exists(fs, state_path):
+        raise ValueError(f"no {STATE_FILE} (written partly)")
+    data = read_bytes(fs, state_path)
+    if exists(fs, manifest_path):
+        try:
+            m = json.loads(read_bytes(fs, manifest_path))
+            want = (m["bytes"], m["sha256"])
+            epoch, score = int(m["epoch"]), float(m[SCORE])
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"unreadable {MANIFEST_FILE} ({type(e).__name__})") from None
+        if (len(data), hashlib.sha256(data).hexdigest()) != want:
+            raise ValueError(f"{STATE_FILE} has {len(data)} bytes or a SHA-256 other than its "
+                             f"{MANIFEST_FILE} says (written partly, or damaged)")
+        return epoch, score
+    try:  # a checkpoint of an earlier version (no manifest): complete if it loads
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        return int(state["epoch"]), float(state["progress"]["history"][-1][SCORE])
+    except Exception as e:  # noqa: BLE001 - any failure to load means: not usable
+        raise ValueError(f"{STATE_FILE} does not load ({type(e).__name__}: {str(e)[:120]})") from None
+
+
+def scan_checkpoints(scratch: StageOutput) -> tuple[list[SavedCheckpoint], list[tuple[str, str]]]:
+    """Every complete checkpoint of every earlier Ray run of this stage and key, the newest
+    epoch first (on ties, the later run), and the folders skipped with the reason."""
+    found: list[SavedCheckpoint] = []
+    skipped: list[tuple[str, str]] = []
+    if not exists(scratch.fs, scratch.path):
+        return found, skipped
+    runs = [e for e in list_dir(scratch.fs, scratch.path) if e.is_dir and e.base_name.startswith(RUN_PREFIX)]
+    for run in runs:
+        for e in list_dir(scratch.fs, run.path):
+            if not (e.is_dir and e.base_name.startswith("epoch_")):
+                continue
+            uri = scratch.file_uri(run.base_name, e.base_name)
+            try:
+                epoch, score = _check(scratch.fs, e.path)
+            except ValueError as why:
+                skipped.append((uri, str(why)))
+                continue
+            found.append(SavedCheckpoint(uri, run.base_name, epoch, score))
+    found.sort(key=lambda c: (c.epoch, c.run), reverse=True)
+    return found, skipped
 
 
 def read_outcome(uri: str, remove: bool = True) -> dict[str, Any]:
@@ -300,7 +387,8 @@ def read_outcome(uri: str, remove: bool = True) -> dict[str, Any]:
     return facts
 
 
-def trainer(plan: WorkerPlan, scratch: StageOutput) -> TorchTrainer:
+def trainer(plan: WorkerPlan, scratch: StageOutput, run: str) -> TorchTrainer:
+    """The TorchTrainer of one run of the stage, in <scratch>/<run>."""
     t = plan.train
     resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
     return TorchTrainer(
@@ -309,7 +397,7 @@ def trainer(plan: WorkerPlan, scratch: StageOutput) -> TorchTrainer:
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(
-            name=RUN_NAME,
+            name=run,
             storage_path=scratch.uri,
             # Ray keeps the best `num_to_keep` by score *and* always the latest.
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints,
@@ -320,11 +408,23 @@ def trainer(plan: WorkerPlan, scratch: StageOutput) -> TorchTrainer:
     )
 
 
-def best_and_last(result) -> tuple[dict[str, Any], dict[str, Any]]:
-    """States of the best checkpoint (max val top-1 accuracy, the later epoch on ties) and the latest."""
-    if result.checkpoint is None or not result.best_checkpoints:
-        raise RuntimeError(f"the training run left no checkpoint ({result.path})")
-    best_ckpt, _ = max(result.best_checkpoints, key=lambda cm: (cm[1][SCORE], cm[1]["epoch"]))
-    last = read_checkpoint(result.checkpoint)
-    best = last if best_ckpt.path == result.checkpoint.path else read_checkpoint(best_ckpt)
+def best_and_last(scratch: StageOutput, run: str, log=lambda msg: None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """States of the best checkpoint (the epoch the last state's history selected: max val
+    top-1 accuracy, the later epoch on ties) and of the latest, from the complete checkpoints
+    on disk (this run's first where epochs tie)."""
+    found, _ = scan_checkpoints(scratch)
+    if not found:
+        raise RuntimeError(f"the training run left no complete checkpoint ({scratch.file_uri(run)})")
+    mine = lambda c: c.run == run  # noqa: E731
+    latest = max(found, key=lambda c: (c.epoch, mine(c), c.run))
+    last = _read_state(latest.uri)
+    want = (last["progress"].get("best") or {}).get("epoch")
+    hits = [c for c in found if c.epoch == want]
+    if hits:
+        chosen = max(hits, key=lambda c: (mine(c), c.run))
+    else:  # kept by no run (deleted, or damaged): the best complete one left
+        chosen = max(found, key=lambda c: (c.score, c.epoch))
+        log(f"WARNING: the checkpoint of the selected epoch {want} is gone; using epoch {chosen.epoch} "
+            f"(val top-1 acc {chosen.score:.3f}), the best complete one left")
+    best = last if chosen.uri == latest.uri else _read_state(chosen.uri)
     return best, last

@@ -12,7 +12,6 @@ learning_curves.png, init.json (which tensors came from the source net).
 from __future__ import annotations
 
 import os
-import posixpath
 import time
 from typing import Any, Sequence
 
@@ -30,8 +29,8 @@ from vgg.results.metrics import Health
 from vgg.training.checkpoints import import_weights, initial_model, write_init_weights
 from vgg.training import guard
 from vgg.training.curves import plot_curves
-from pipeline.ray_train import (OUTCOME_FILE, RUN_NAME, TrainCallback, WorkerPlan, best_and_last,
-                                 has_checkpoint, read_outcome, trainer)
+from pipeline.ray_train import (SavedCheckpoint, TrainCallback, WorkerPlan, best_and_last, new_run_name,
+                                 outcome_uri, read_outcome, scan_checkpoints, trainer)
 
 CURVES_FILE = "learning_curves.png"
 
@@ -61,16 +60,18 @@ def run(config: TrainSection, inputs: TrainInputs, ctx: StageContext,
         meta = _meta(config, classes, epoch=None, errs=(None, None), origin="initial")
         return _finish(ctx, net, meta, {"epochs": [], "lr_drops": [], "resumes": []}, params,
                        "0 epochs: wrote the initial weights", datasets)
+    resume = _resume_point(ctx)
+    run_name = new_run_name()  # this run's own folder: a killed run's processes cannot write here
     plan = WorkerPlan(ctx.stage_id, config, inputs.shards.uri, spec.to_dict(), len(classes),
                       write_init_weights(ctx.scratch, net), epochs, ctx.tracking.tracking_uri,
                       ctx.tracking.run_id, tuple(callbacks),
                       {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_HTTP_")},
-                      posixpath.join(ctx.scratch.uri, OUTCOME_FILE), ctx.system_metrics)
-    read_outcome(plan.outcome_uri)  # an earlier attempt's
-    resuming = has_checkpoint(ctx.scratch)
-    result = trainer(plan, ctx.scratch).fit()
+                      outcome_uri(ctx.scratch, run_name), ctx.system_metrics,
+                      resume.uri if resume is not None else "")
+    trainer(plan, ctx.scratch, run_name).fit()
     _check_outcome(read_outcome(plan.outcome_uri), config, ctx)
-    best_state, last_state = best_and_last(result)
+    best_state, last_state = best_and_last(ctx.scratch, run_name, ctx.log)
+    resuming = resume is not None
     progress = last_state["progress"]
     history = {"epochs": progress["history"], "best": progress["best"],
                "lr_drops": last_state["schedule"]["drops"], "resumes": progress["resumes"],
@@ -84,7 +85,7 @@ def run(config: TrainSection, inputs: TrainInputs, ctx: StageContext,
     net.load_state_dict(best_state["model"])
     meta = _meta(config, classes, epoch=best_state["epoch"],
                  errs=(best["val_top1_err"], best["val_top5_err"]), origin="trained")
-    params.update(resumes=len(history["resumes"]), ray_run=posixpath.join(ctx.scratch.uri, RUN_NAME))
+    params.update(resumes=len(history["resumes"]), ray_run=ctx.scratch.file_uri(run_name))
     last = history["epochs"][-1]
     summary = (f"best epoch {best['epoch'] + 1}/{epochs}: val top-1 err {best['val_top1_err']:.1%}"
                + (f", top-5 {best['val_top5_err']:.1%}" if best["val_top5_err"] is not None else "")
@@ -95,6 +96,17 @@ def run(config: TrainSection, inputs: TrainInputs, ctx: StageContext,
         result.manifest["val_health"] = best["val_health"]
         result.tags.update(collapse_tags(Health(**best["val_health"]), net_plan, ctx.log))
     return result
+
+
+def _resume_point(ctx: StageContext) -> SavedCheckpoint | None:
+    """The newest complete checkpoint of an earlier run of this stage and key (None: start
+    from the initial weights); the damaged or partial ones are named and skipped."""
+    found, skipped = scan_checkpoints(ctx.scratch)
+    for uri, why in skipped:
+        ctx.log(f"skipping the checkpoint {uri}: {why}")
+    if found:
+        ctx.log(f"resuming after epoch {found[0].epoch + 1} from {found[0].uri}")
+    return found[0] if found else None
 
 
 def _check_outcome(outcome: dict[str, Any], config: TrainSection, ctx: StageContext) -> None:

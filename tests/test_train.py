@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -120,8 +121,13 @@ def optimizer(lr: float) -> torch.optim.Optimizer:
     return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
 
 
+def checkpoint_dirs(ctx: Job, epoch: str = "*") -> list[Path]:
+    """The checkpoint folders of every Ray run of the stage's scratch dir, oldest run first."""
+    return sorted(Path(ctx.scratch.path).glob(f"{ray_train.RUN_PREFIX}-*/epoch_{epoch}"))
+
+
 def checkpoint_state(ctx: Job, epoch: int) -> dict:
-    path = Path(ctx.scratch.path) / ray_train.RUN_NAME / f"epoch_{epoch:04d}" / ray_train.STATE_FILE
+    path = checkpoint_dirs(ctx, f"{epoch:04d}")[-1] / ray_train.STATE_FILE
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
@@ -205,7 +211,7 @@ def test_a_trains_two_epochs_on_two_workers(trained_a, data):
     assert_same_weights(net.state_dict(), checkpoint_state(ctx, best["epoch"])["model"])
 
     # Ray Train kept the best checkpoint and the latest (keep_checkpoints=1)
-    kept = {p.name for p in (Path(ctx.scratch.path) / ray_train.RUN_NAME).glob("epoch_*")}
+    kept = {p.name for p in checkpoint_dirs(ctx)}
     assert kept == {f"epoch_{best['epoch']:04d}", "epoch_0001"}
     last = checkpoint_state(ctx, 1)
     assert {"model", "optimizer", "schedule", "epoch", "progress", "config"} <= last.keys()
@@ -335,17 +341,18 @@ run(*pickle.load(open(sys.argv[1], "rb")))  # config, inputs, ctx, callbacks
 """
 
 
-def snapshot_has(ctx: Job, checkpoint_dir: str) -> bool:
-    snap = Path(ctx.scratch.path) / ray_train.RUN_NAME / "checkpoint_manager_snapshot.json"
-    return snap.exists() and checkpoint_dir in snap.read_text()
+def has_complete(ctx: Job, epoch: int) -> bool:
+    """Whether a complete checkpoint of `epoch` is on disk (what a rerun resumes from)."""
+    return any(c.epoch == epoch for c in ray_train.scan_checkpoints(ctx.scratch)[0])
 
 
 @pytest.mark.slow
 def test_interrupted_stage_resumes_at_the_next_epoch_exactly(trained_a, data, tmp_path, ray_session):
-    """Kill the driver (its whole process group) once epoch 0's checkpoint is committed, run
-    the stage again: it resumes at epoch 1 and ends with bit-identical weights to the
-    uninterrupted run (fixed seed; data order, augmentation and dropout depend only on
-    (seed, epoch, rank), weights and optimizer state are identical on all ranks)."""
+    """Kill the driver (its whole process group) the moment epoch 0's checkpoint is complete
+    on disk (before Ray may have recorded it in its snapshot: such a kill used to lose the
+    epoch), run the stage again: it resumes at epoch 1 and ends with bit-identical weights
+    to the uninterrupted run (fixed seed; data order, augmentation and dropout depend only
+    on (seed, epoch, rank), weights and optimizer state are identical on all ranks)."""
     sec = section()
     first = make_ctx(data, tmp_path / "work", sec)
     # rank 0 waits after epoch 0's checkpoint
@@ -356,14 +363,15 @@ def test_interrupted_stage_resumes_at_the_next_epoch_exactly(trained_a, data, tm
                             stderr=open(tmp_path / "driver.log", "wb"))
     try:
         deadline = time.monotonic() + 240
-        while not snapshot_has(first, "epoch_0000"):
+        while not has_complete(first, 0):
             assert proc.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "epoch 0 never finished"
             time.sleep(0.2)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    assert not snapshot_has(first, "epoch_0001")
+    assert not has_complete(first, 1)
+    killed_runs = {p.parent.name for p in checkpoint_dirs(first)}
 
     again = make_ctx(data, tmp_path / "work", sec)  # same key -> same scratch, new output dir
     again.run()
@@ -375,9 +383,45 @@ def test_interrupted_stage_resumes_at_the_next_epoch_exactly(trained_a, data, tm
     ref_opt, opt = checkpoint_state(trained_a.ctx, 1)["optimizer"], checkpoint_state(again, 1)["optimizer"]
     assert all(torch.equal(ref_opt["state"][i]["momentum_buffer"], opt["state"][i]["momentum_buffer"])
                for i in ref_opt["state"])
+    # the rerun wrote into a Ray run folder of its own (the killed run's processes cannot)
+    assert {p.parent.name for p in checkpoint_dirs(again, "0001")}.isdisjoint(killed_runs)
     # the new MLflow run got the epochs of the killed one too
     steps = MlflowClient(data.uri).get_metric_history(again.tracking.run_id, "val_top1_err")
     assert sorted(m.step for m in steps) == [0, 1]
+
+
+@pytest.mark.slow
+def test_a_rerun_resumes_from_the_newest_complete_checkpoint(trained_a, data, tmp_path, capfd):
+    """The checkpoints a kill or a full disk leaves: a checkpoint folder written partly (a
+    kill while it was copied), Ray's snapshot empty (Ray writes it in place), the newest
+    checkpoint damaged afterwards. Each rerun resumes from the newest complete checkpoint,
+    names what it skipped, and trains only the epochs after it."""
+    sec = section(epochs=3)
+    job = make_ctx(data, tmp_path / "work", sec)
+    shutil.copytree(trained_a.ctx.scratch.path, job.scratch.path)  # epochs 0-1 done, 2 epochs planned then
+    run_dir = checkpoint_dirs(job, "0001")[-1].parent
+    partial = run_dir / "epoch_0002"
+    shutil.copytree(run_dir / "epoch_0001", partial)
+    data_len = (partial / ray_train.STATE_FILE).stat().st_size
+    with open(partial / ray_train.STATE_FILE, "r+b") as f:
+        f.truncate(data_len // 2)  # killed half way through the copy
+    (run_dir / "checkpoint_manager_snapshot.json").write_text("")  # what a full disk left once
+    job.run()
+    err = capfd.readouterr().err
+    assert "skipping the checkpoint" in err and "epoch_0002" in err and "resuming after epoch 2" in err
+    h = history(job)
+    assert [r["epoch"] for r in h["epochs"]] == [0, 1, 2] and [r["after_epoch"] for r in h["resumes"]] == [1]
+
+    # the newest checkpoint (this rerun's epoch 2) damaged: the next rerun takes epoch 1's
+    newest = checkpoint_dirs(job, "0002")[-1] / ray_train.STATE_FILE
+    newest.write_bytes(newest.read_bytes()[:-100])
+    again = make_ctx(data, tmp_path / "work", sec)
+    again.run()
+    err = capfd.readouterr().err
+    assert f"skipping the checkpoint {newest.parent}" in err and "resuming after epoch 2" in err
+    h = history(again)
+    # the resumed state is epoch 1's of the first run: its lineage has this one resume
+    assert [r["epoch"] for r in h["epochs"]] == [0, 1, 2] and [r["after_epoch"] for r in h["resumes"]] == [1]
 
 
 def _same_but_timing(h: dict, ref_ctx: Job) -> bool:
