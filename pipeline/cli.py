@@ -14,6 +14,7 @@ from pathlib import Path
 from pipeline import console, tracking
 from pipeline.config import DEFAULT_CONFIG, load_config
 from pipeline.errors import UserError
+from pipeline.storage import check_work_dir
 
 EPILOG = """\
 stage ids:
@@ -177,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg_path = find_config(args.config)
         cfg = load_config(cfg_path, args.overrides)
         if args.list:
+            check_work_dir(cfg.work_dir, write=False)
             print_dag(cfg)
             return 0
         run = run_pipeline(cfg, args.stage, args.force, str(cfg_path))
