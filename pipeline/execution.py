@@ -101,8 +101,8 @@ def damaged_input(store: Store, job: StageJob, error: BaseException) -> DamagedO
     """After a stage failed: whether one of its inputs is damaged (sizes; also content
     hashes when the error is one that reading a damaged file raises). -> the one-line
     error naming the file and the command that redoes it, or None."""
-    if isinstance(error, UserError):
-        return None
+    if isinstance(error, UserError) and not isinstance(error, DamagedOutput):
+        return None  # already says what to fix (a DamagedOutput gets the user's own command)
     hashes = _reads_a_file(error)
     for sid, out in job.inputs.items():
         if sid not in job.spec.upstream:

@@ -280,7 +280,7 @@ def _run(
 
         try:
             outcome = schedule(dag, selected, job, cfg.pipeline.max_parallel_stages,
-                               use_ray=use_ray, on_done=done)
+                               use_ray=use_ray, on_done=done, work_dir=cfg.work_dir)
             run.records = outcome.records
             if "report" in selected and run.status_of("report") in ("ran", "reused"):
                 _log_report(outputs["report"])

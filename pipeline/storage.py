@@ -19,6 +19,7 @@ hashes), so a file damaged since (truncated, overwritten, deleted) is noticed.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -37,6 +38,25 @@ import pyarrow.fs as pafs
 from pipeline.errors import UserError
 
 MARKER = "_SUCCESS.json"
+
+
+def disk_full(e: BaseException) -> bool:
+    """ENOSPC here, in a Ray worker (its error carries the remote traceback as text), or in
+    SQLite (the MLflow store: "database or disk is full")."""
+    text = str(e)
+    return ((isinstance(e, OSError) and e.errno == errno.ENOSPC) or "database or disk is full" in text
+            or "No space left on device" in text)
+
+
+def no_space(e: BaseException, work_dir: str | None = None) -> str:
+    """The line for a full disk: the disk, never "the database" (SQLite says "database or
+    disk is full" when MLflow is the first to hit it)."""
+    where = getattr(e, "filename", None) or work_dir
+    if not where:
+        return "no space left on the device"
+    if "database or disk is full" in str(e) and work_dir:
+        where = f"{work_dir} (MLflow's store was the first to hit it)"
+    return f"no space left on the device holding {where}"
 
 
 class WorkDirError(UserError, RuntimeError):

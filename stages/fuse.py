@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from pipeline.dag import FuseInputs, FuseSection
 from pipeline.stage import StageContext, StageResult
-from vgg.artifacts import FUSED_FILE, ROWS_FILE, Evaluation, write_fusion
+from pipeline.storage import DamagedOutput
+from vgg.artifacts import FUSED_FILE, ROWS_FILE, Evaluation, posteriors_file, write_fusion
 from vgg.paper import metric_name, parse_member, slug
 from vgg.results.metrics import Posteriors, average, errors
 from vgg.results.tables import EvalRow, FusionRow
@@ -23,6 +24,10 @@ from vgg.results.tables import EvalRow, FusionRow
 
 def run(config: FuseSection, inputs: FuseInputs, ctx: StageContext) -> StageResult:
     members = list(config.fuse.members)
+    repeated = sorted({m for m in members if members.count(m) > 1})
+    if repeated:  # config load refuses them; a FuseSection built in code must too (not merge them)
+        raise ValueError(f"fuse.members: {', '.join(map(repr, repeated))} repeated in {members}; "
+                         "name each member once")
     posts = {m: read_member(m, inputs.evaluations) for m in members}
     fused = average(list(posts.values()), names=members)
     table: dict[str, list] = {"member": [], "top-1 %": [], "top-5 %": []}
@@ -55,6 +60,11 @@ def read_member(member: str, evaluations: dict[str, Evaluation]) -> Posteriors:
         return evaluations[net].posteriors(mode)
     except FileNotFoundError as e:
         raise ValueError(f"fuse member {member!r}: evaluate/{net} {e}") from None
+    except (OSError, ValueError) as e:  # a damaged file (pyarrow's ArrowInvalid is a ValueError)
+        path = evaluations[net].out.file_uri(posteriors_file(mode))
+        raise DamagedOutput(f"fuse member {member!r}: cannot read {path} ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''}); the output of evaluate/{net} "
+                            f"is damaged: redo it with --stage evaluate/{net} --force") from e
 
 
 def metric_prefix(member: str) -> str:
