@@ -200,17 +200,20 @@ class LineFilter:
                 return None  # the traceback's body: condensed to its exception's line
             self._in_traceback.discard(key)  # the exception's line ends the traceback
             return self._once(line)
-        if line.startswith("Traceback (most recent call last):"):
+        if line.startswith(("Traceback (most recent call last):", "During handling of the above",
+                            "The above exception was")):  # a traceback, or the next one of a chain
             self._in_traceback.add(key)
             self.condensed = True
             return None
         if _MLFLOW_DB_ERROR.search(line):
             return None  # the MlflowException it raises is reported (see configure)
-        return "trouble" if TROUBLE.match(line) else None
+        return self._once(line) if TROUBLE.match(line) else None
 
     def _once(self, line: str) -> str | None:
-        """An exception's line, shown once however many processes raised it."""
-        text = re.sub(r"\s*\x1b\[\d+m\s*\[repeated \d+x across cluster\].*$", "", line)
+        """A line of trouble, shown once however many processes (or times) said it: the same
+        text without its time stamp and without Ray's "[repeated Nx across cluster]"."""
+        text = re.sub(r"\s*(?:\x1b\[\d+m)?\s*\[repeated \d+x across cluster\].*$", "", line)
+        text = re.sub(r"^\d{4}[-/]\d\d[-/]\d\d[ T][\d:,.]+\s*", "", text)
         if text in self._said:
             return None
         self._said.add(text)
@@ -249,7 +252,7 @@ def install_filter() -> bool:
             return original(data, ignore_prefix)
         if lines.condensed and not noticed:
             noticed.append(True)
-            original({**data, "lines": [CONDENSED]}, ignore_prefix=True)
+            print(CONDENSED, file=sys.stderr, flush=True)  # not through Ray (its de-duplication)
         for kept, ours in runs:
             original({**data, "lines": kept}, ignore_prefix=True if ours else ignore_prefix)
 

@@ -55,7 +55,7 @@ def no_space(e: BaseException, work_dir: str | None = None) -> str:
     if not where:
         return "no space left on the device"
     if "database or disk is full" in str(e) and work_dir:
-        where = f"{work_dir} (MLflow's store was the first to hit it)"
+        where = f"{work_dir} (MLflow's store reported it)"
     return f"no space left on the device holding {where}"
 
 

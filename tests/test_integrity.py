@@ -163,6 +163,8 @@ def _upstream(cfg) -> Store:
         if spec.kind in ("fuse", "report"):
             continue
         write = None
+        if spec.kind == "train":  # stands for the weights (evaluate/<net> is not run here)
+            write = lambda out: write_bytes(out.fs, out.join("model.pt"), bytes(range(256)) * 64)  # noqa: E731
         if spec.kind == "evaluate":
             write = lambda out, s=spec, i=i: _fake_evaluation(out, s.section.name, s.section.net, i)  # noqa: E731
         _publish(store, sid, keys[sid], spec.section, write)
@@ -258,6 +260,20 @@ def test_a_damaged_upstream_output_stops_a_stage_run_alone_naming_file_and_comma
     assert path in line and "--stage evaluate/A --force" in line
 
 
+def test_damaged_weights_stop_an_evaluation_run_alone_before_anything_starts(fused, capsys):
+    import ray
+
+    cfg, over, store = fused
+    model = store.latest("train/A").join("model.pt")
+    _truncate(model)
+    capsys.readouterr()
+    assert main(["--set", *over, "--stage", "evaluate/A", "--force"]) == 2
+    err = capsys.readouterr().err
+    line = _one_error_line(err)
+    assert f"evaluate/A needs the output of train/A, which is damaged: {model} is 8192 bytes, 16384 " in line
+    assert line.endswith("--stage train/A --force`") and not ray.is_initialized()
+
+
 def test_a_same_size_damage_is_named_when_read_and_caught_before_with_verify(fused, capsys):
     cfg, over, store = fused
     path = _posteriors(store, "A")
@@ -349,7 +365,7 @@ def test_a_full_disk_is_named_even_when_mlflow_hits_it_first(tmp_path):
 
     e = sqlalchemy.exc.OperationalError("INSERT INTO metrics", {}, Exception("database or disk is full"))
     note = failure_note(e, str(tmp_path))
-    assert note == f"no space left on the device holding {tmp_path} (MLflow's store was the first to hit it)"
+    assert note == f"no space left on the device holding {tmp_path} (MLflow's store reported it)"
     assert "database" not in note.split("(")[0]
 
 
