@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import os
+import re
 import sys
 import tempfile
 import time
@@ -14,6 +14,7 @@ from pathlib import Path
 from pipeline import console, tracking
 from pipeline.config import DEFAULT_CONFIG, load_config
 from pipeline.errors import UserError
+from pipeline.storage import check_work_dir, disk_full, no_space
 
 EPILOG = """\
 stage ids:
@@ -72,6 +73,9 @@ def parser() -> argparse.ArgumentParser:
         help="override a config key, e.g. --set shard.rows_per_shard=500 (value parsed as YAML, type-checked)",
     )
     p.add_argument("--list", action="store_true", help="print the DAG with each stage's state and exit")
+    p.add_argument("--verify", action="store_true",
+                   help="check the content (sha256) of every completed output it reuses, not only "
+                        "the sizes of its files (a damaged output is redone, or named)")
     p.add_argument("--verbose", action="store_true",
                    help="show Ray's and MLflow's own log lines too (Ray Data progress, Ray Train's "
                         "controller, ...; hidden by default, kept in Ray's session logs, whose "
@@ -142,21 +146,23 @@ def user_error(e: BaseException) -> BaseException | None:
     return None
 
 
-def _disk_full(e: BaseException) -> bool:
-    """ENOSPC here, in a Ray worker (its error carries the remote traceback as text), or in
-    SQLite (the MLflow store)."""
-    text = str(e)
-    return ((isinstance(e, OSError) and e.errno == errno.ENOSPC) or "database or disk is full" in text
-            or "No space left on device" in text)
+_disk_full = disk_full
 
 
 def _message(e: BaseException, work_dir: str | None = None) -> str:
     if _disk_full(e):
-        where = getattr(e, "filename", None) or work_dir
-        return (f"no space left on the device{f' holding {where}' if where else ''}; free some "
-                "space (or move work_dir) and run the same command again: completed stages are "
-                "reused, an interrupted training resumes")
+        return (f"{no_space(e, work_dir)}; free some space (or move work_dir) and run the same "
+                "command again: completed stages are reused, an interrupted training resumes")
     return str(e)
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """Control characters (a NUL or an escape sequence in a config value) as escapes, so
+    that an error line is one line and never drives the terminal."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text).replace("\n", " ")
 
 
 def _save_traceback(e: BaseException) -> str:
@@ -177,16 +183,19 @@ def main(argv: list[str] | None = None) -> int:
         cfg_path = find_config(args.config)
         cfg = load_config(cfg_path, args.overrides)
         if args.list:
+            check_work_dir(cfg.work_dir, write=False)
             print_dag(cfg)
             return 0
-        run = run_pipeline(cfg, args.stage, args.force, str(cfg_path))
+        hint = [*(["--config", args.config] if args.config else []),
+                *(["--set", *args.overrides] if args.overrides else [])]
+        run = run_pipeline(cfg, args.stage, args.force, str(cfg_path), hint=hint, verify=args.verify)
     except Exception as e:  # noqa: BLE001 - expected errors in one line, others as they are
         if getattr(e, "pipeline_run", None) is not None:
             print_summary(e.pipeline_run)  # every stage: which ran, failed, or were blocked
         known = user_error(e)
         if known is None:
             raise
-        line = f"error: {_message(known, cfg and cfg.work_dir)}"
+        line = f"error: {printable(_message(known, cfg and cfg.work_dir))}"
         if args.verbose:
             traceback.print_exception(type(e), e, e.__traceback__)
         elif getattr(known, "keep_traceback", True):

@@ -7,6 +7,7 @@ completely before anything runs (`vgg.config.ConfigError` names the file and the
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -84,18 +85,49 @@ class PipelineConfig(ExperimentConfig):
     ray: RayConfig = field(default_factory=RayConfig)
 
 
+#: Control characters (NUL, newline, escape, DEL, ...): never part of a name or a path.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _check_names(cfg: PipelineConfig) -> None:
+    """The MLflow names, as MLflow 3 checks them (mlflow/utils/validation.py): an experiment
+    name is non-empty and at most 500 characters; a registered model's name
+    (`mlflow.registered_model`, else `<experiment>-best-net`) has no "/" or ":" and is not
+    a path that normalises to another name (".", "..x", "a/./b"). Control characters are
+    refused in both (MLflow stores them and the console prints them raw)."""
+    import posixpath
+
+    exp = cfg.experiment
+    _check(bool(exp and exp.strip()), "experiment", "must not be empty")
+    _check(not _CONTROL.search(exp), "experiment", f"contains a control character: {exp!r}")
+    _check(len(exp) <= 500, "experiment", f"is {len(exp)} characters long, MLflow allows 500")
+    own = cfg.mlflow.registered_model
+    key = "mlflow.registered_model" if own is not None else "experiment"
+    name = own if own is not None else f"{exp}-best-net"
+    _check(bool(name.strip()), key, "must be a non-empty name, or null for <experiment>-best-net")
+    _check(not _CONTROL.search(name), key, f"contains a control character: {name!r}")
+    why = ("" if own is not None else f" (it names the registered model {name!r}; or set "
+           "mlflow.registered_model to a name without them)")
+    bad = [c for c in "/:" if c in name]
+    _check(not bad, key, f"{name!r} contains {' and '.join(repr(c) for c in bad)}, which MLflow "
+                         f"refuses in a registered model's name{why}")
+    norm = posixpath.normpath(name)
+    _check(norm == name and norm != "." and not norm.startswith(".."), key,
+           f"{name!r} is not a name MLflow accepts for a registered model (it must not start "
+           f"with '..' or be '.'){why}")
+
+
 def validate(cfg: PipelineConfig) -> None:
     """Cross-field checks of the experiment and of the workflow's sections."""
     validate_experiment(cfg)
     _check(bool(cfg.work_dir), "work_dir", "must not be empty")
-    _check(bool(cfg.experiment), "experiment", "must not be empty")
+    _check(not _CONTROL.search(cfg.work_dir), "work_dir", f"contains a control character: {cfg.work_dir!r}")
+    _check_names(cfg)
     n = cfg.pipeline.max_parallel_stages
     _check(n is None or n == "auto" or n >= 1, "pipeline.max_parallel_stages", f"must be >= 1, auto, or null (no limit), got {n}")
     _check(cfg.mlflow.retry_s >= 5, "mlflow.retry_s", f"must be >= 5 seconds, got {cfg.mlflow.retry_s}")
     _check(cfg.mlflow.system_metrics_interval_s >= 1, "mlflow.system_metrics_interval_s",
            f"must be >= 1 second, got {cfg.mlflow.system_metrics_interval_s}")
-    _check(cfg.mlflow.registered_model is None or bool(cfg.mlflow.registered_model.strip()),
-           "mlflow.registered_model", "must be a non-empty name, or null for <experiment>-best-net")
     if cfg.ray.num_cpus is not None:
         _check(cfg.ray.num_cpus >= 1, "ray.num_cpus", "must be >= 1")
 

@@ -10,8 +10,11 @@ By default (quiet) the console shows:
 - the stages' lines forwarded from Ray workers, without Ray's `(RayTrainWorker pid=...)`
   prefix: the stage id in the line says where it comes from;
 - anything that signals trouble, with Ray's prefix: warning and error log records, Python
-  warnings, tracebacks and exception lines, fatal lines of Ray's C++ log, the raylet's error
-  reports (a worker that died, an OOM kill, an infeasible task), the autoscaler's events.
+  warnings, exception lines (a traceback condensed to its last line, each such line once,
+  with one notice line saying so), fatal lines of Ray's C++ log, the raylet's error reports
+  (a worker that died, an OOM kill, an infeasible task), the autoscaler's events. The
+  stage's failure itself is the driver's line (and, for an expected error, the log file
+  that holds its traceback).
 
 Hidden (from the console only):
 - Ray's own driver messages below WARNING (`ray.init(logging_level=...)`), and its warning
@@ -67,6 +70,15 @@ EXPECTED_RAYLET = re.compile(r"PYTHON worker processes have been started on node
 
 _WRAPPED = "_vgg_console_filter"
 
+#: MLflow's SQL store logger: on an OperationalError (a full disk, a locked database) it logs
+#: the error with its traceback, then raises it as an MlflowException.
+_MLFLOW_DB = "mlflow.store.db.utils"
+_MLFLOW_DB_ERROR = re.compile(r"ERROR mlflow\.store\.db\.utils: SQLAlchemy database error")
+
+#: Said once, when the first worker traceback is condensed to its exception's line.
+CONDENSED = ("(tracebacks of Ray workers are condensed to their last line here; in full in Ray's logs, "
+             "or on the console with --verbose)")
+
 
 def configure(verbose: bool) -> None:
     """The console policy of this process (the CLI's --verbose). Call it before Ray starts."""
@@ -76,6 +88,9 @@ def configure(verbose: bool) -> None:
         import mlflow  # noqa: F401 - importing it configures the "mlflow" logger: set the level after
 
         logging.getLogger("mlflow").setLevel(logging.INFO if verbose else logging.WARNING)
+        # its ERROR record ("SQLAlchemy database error", with a traceback) always precedes the
+        # MlflowException it raises, which the pipeline reports in one line (a full disk, ...)
+        logging.getLogger(_MLFLOW_DB).setLevel(logging.NOTSET if verbose else logging.CRITICAL)
     if verbose:
         _ray_data_console(logging.INFO)
 
@@ -148,6 +163,8 @@ class LineFilter:
 
     def __init__(self):
         self._in_traceback: set[tuple] = set()  # (ip, pid) of processes inside a traceback
+        self._said: set[str] = set()  # exception lines already shown (quiet: each once)
+        self.condensed = False  # whether a traceback was condensed (the notice is due once)
 
     def split(self, data: dict) -> list[tuple[list[str], bool]]:
         runs: list[tuple[list[str], bool]] = []
@@ -177,15 +194,30 @@ class LineFilter:
             return "ours"
         key = (data.get("ip"), pid)
         if key in self._in_traceback:
-            if line[:1].isspace() or not line.strip():
-                return "trouble"
-            if not line.startswith("Traceback (most recent call last):"):
-                self._in_traceback.discard(key)  # the exception's line ends the traceback
-            return "trouble"
-        if line.startswith("Traceback (most recent call last):"):
+            if line[:1].isspace() or not line.strip() or line.startswith(("Traceback (most recent call last):",
+                                                                         "During handling of the above",
+                                                                         "The above exception was")):
+                return None  # the traceback's body: condensed to its exception's line
+            self._in_traceback.discard(key)  # the exception's line ends the traceback
+            return self._once(line)
+        if line.startswith(("Traceback (most recent call last):", "During handling of the above",
+                            "The above exception was")):  # a traceback, or the next one of a chain
             self._in_traceback.add(key)
-            return "trouble"
-        return "trouble" if TROUBLE.match(line) else None
+            self.condensed = True
+            return None
+        if _MLFLOW_DB_ERROR.search(line):
+            return None  # the MlflowException it raises is reported (see configure)
+        return self._once(line) if TROUBLE.match(line) else None
+
+    def _once(self, line: str) -> str | None:
+        """A line of trouble, shown once however many processes (or times) said it: the same
+        text without its time stamp and without Ray's "[repeated Nx across cluster]"."""
+        text = re.sub(r"\s*(?:\x1b\[\d+m)?\s*\[repeated \d+x across cluster\].*$", "", line)
+        text = re.sub(r"^\d{4}[-/]\d\d[-/]\d\d[ T][\d:,.]+\s*", "", text)
+        if text in self._said:
+            return None
+        self._said.add(text)
+        return "trouble"
 
 
 def install_filter() -> bool:
@@ -209,6 +241,7 @@ def install_filter() -> bool:
     if list(inspect.signature(original).parameters) != ["data", "ignore_prefix"]:
         return False  # not the Ray this was written for: print everything rather than guess
     lines = LineFilter()
+    noticed: list[bool] = []  # the notice of condensed tracebacks: once
 
     def print_to_stdstream(data, ignore_prefix: bool):
         if VERBOSE:
@@ -217,6 +250,9 @@ def install_filter() -> bool:
             runs = lines.split(data)
         except Exception:  # noqa: BLE001 - never lose output (nor Ray's log thread) to the filter
             return original(data, ignore_prefix)
+        if lines.condensed and not noticed:
+            noticed.append(True)
+            print(CONDENSED, file=sys.stderr, flush=True)  # not through Ray (its de-duplication)
         for kept, ours in runs:
             original({**data, "lines": kept}, ignore_prefix=True if ours else ignore_prefix)
 

@@ -17,9 +17,9 @@ import mlflow
 from pipeline import tracking
 from pipeline.config import to_dict
 from pipeline.dag import StageSpec, package_version
-from pipeline.errors import TrackingServerLost
+from pipeline.errors import TrackingServerLost, UserError
 from pipeline.stage import StageContext, StageResult, TrackingInfo
-from pipeline.storage import StageOutput, Store, write_json
+from pipeline.storage import DamagedOutput, StageOutput, Store, write_json
 from pipeline.system_metrics import SystemMetrics
 
 
@@ -56,6 +56,63 @@ class StageJob:
     #: The invocation's owner tags (its driver's pid and host): if the driver dies, the
     #: next invocation marks the stage's run KILLED (tracking.mark_stale_runs).
     owner: dict[str, str] = field(default_factory=dict)
+    #: Its completed output is damaged (`Store.damage`): run it although it is complete.
+    redo: bool = False
+    #: The user's own `--config` / `--set` arguments, repeated in the commands of hints.
+    hint: tuple[str, ...] = ()
+
+
+def command(hint: tuple[str, ...] | list[str], stages: list[str], force: bool = False) -> str:
+    """The command line that runs `stages` with the user's own --config and --set."""
+    import shlex
+
+    args = [*hint, "--stage", *stages, *(["--force"] if force else [])]
+    return "python pipeline/run.py " + shlex.join(args)
+
+
+#: Exceptions that reading a damaged file raises (pyarrow's ArrowInvalid is a ValueError,
+#: its IO errors OSErrors; torch.load raises RuntimeError "PytorchStreamReader failed ..."
+#: or an UnpicklingError), and texts that say so when a Ray task wrapped them.
+_READ_ERRORS = (OSError, EOFError, ValueError)
+_READ_TEXTS = ("PytorchStreamReader", "zip archive", "Parquet", "parquet", "magic bytes", "Unpickling",
+               "unpickling", "Expecting value", "Invalid flatbuffers", "Couldn't deserialize thrift")
+
+
+#: After a failure, inputs up to this size are read again to compare their hashes (a bug
+#: that raises a ValueError in a stage on ImageNet shards must not cost a re-read of them).
+HASH_ON_FAILURE_MAX_BYTES = 2 << 30
+
+
+def _reads_a_file(e: BaseException) -> bool:
+    import pickle
+    import zipfile
+
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, (*_READ_ERRORS, pickle.UnpicklingError, zipfile.BadZipFile)) or any(
+                t in str(e) for t in _READ_TEXTS):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def damaged_input(store: Store, job: StageJob, error: BaseException) -> DamagedOutput | None:
+    """After a stage failed: whether one of its inputs is damaged (sizes; also content
+    hashes when the error is one that reading a damaged file raises). -> the one-line
+    error naming the file and the command that redoes it, or None."""
+    if isinstance(error, UserError) and not isinstance(error, DamagedOutput):
+        return None  # already says what to fix (a DamagedOutput gets the user's own command)
+    hashes = _reads_a_file(error)
+    for sid, out in job.inputs.items():
+        if sid not in job.spec.upstream:
+            continue
+        bad = store.damage(sid, out.key, hashes=hashes, max_hash_bytes=HASH_ON_FAILURE_MAX_BYTES)
+        if bad is not None:
+            return DamagedOutput(
+                f"{job.spec.id} could not read its input: {bad} (the output of {sid} is damaged); "
+                f"redo it with `{command(job.hint, [sid], force=True)}`")
+    return None
 
 
 def say(msg: str) -> None:
@@ -72,10 +129,11 @@ def run_stage(job: StageJob, in_task: bool = False) -> StageRecord:
         if in_task:  # a Ray worker: point MLflow at the invocation's store, bound its retries
             stack.enter_context(tracking.using_tracking_uri(job.parent.tracking_uri))
             stack.enter_context(tracking.environment(job.mlflow_env))
-        if not job.force and store.is_complete(spec.id, key):
+        if not job.force and not job.redo and store.is_complete(spec.id, key):
             return reuse(store, spec, key)
         with store.claim(spec.id, key, lambda who: say(f"  [{spec.id}] waiting: {who} is running it")):
-            if not job.force and store.is_complete(spec.id, key):  # the other invocation made it
+            if (not job.force and store.is_complete(spec.id, key)  # the other invocation made it
+                    and (not job.redo or store.damage(spec.id, key) is None)):
                 return reuse(store, spec, key, "made by another invocation")
             say(f"  [{spec.id}] running (cache key {key})")
             if job.force:  # a forced re-run starts over: no resuming from old checkpoints
@@ -114,7 +172,13 @@ def _execute(store: Store, job: StageJob) -> StageRecord:
             ctx = StageContext(spec.id, tmp, info, key, store.scratch(spec.id, key),
                                published_uri=store.output(spec.id, key).uri, system_metrics=sampling)
             try:
-                result: StageResult = spec.load()(spec.section, spec.inputs(ups), ctx)
+                try:
+                    result: StageResult = spec.load()(spec.section, spec.inputs(ups), ctx)
+                except Exception as e:  # a damaged input: one line naming the file
+                    damaged = damaged_input(store, job, e)
+                    if damaged is None:
+                        raise
+                    raise damaged from e
                 seconds = time.monotonic() - t0
                 model_id = _log_result(tmp, result, seconds, spec.section)
                 final = store.publish(

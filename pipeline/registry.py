@@ -91,6 +91,7 @@ def register_best(client: MlflowClient, name: str, cands: list[Candidate],
     best = min(cands, key=lambda c: (c.top1, c.top5 if c.top5 is not None else 0.0))
     _ensure_model(client, name)
     version = _version_of(client, name, best.model_id) or _register(client, name, best, fusion)
+    version = _one_version(client, name, best.model_id, version)
     try:
         champ = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
@@ -134,6 +135,23 @@ def _version_of(client: MlflowClient, name: str, model_id: str):
         if mv.tags.get("model_id") == model_id:
             return mv
     return None
+
+
+def _one_version(client: MlflowClient, name: str, model_id: str, mine):
+    """Two invocations that register the same net at the same instant both find no version
+    and both create one: the lowest version of the net is kept and the others deleted, by
+    whichever invocation sees them (both agree on which stays). -> the version kept."""
+    same = [mv for mv in client.search_model_versions(f"name = '{name}'") if mv.tags.get("model_id") == model_id]
+    if len(same) <= 1:
+        return mine
+    same.sort(key=lambda mv: int(mv.version))
+    for extra in same[1:]:
+        try:
+            client.delete_model_version(name, extra.version)
+        except MlflowException as e:  # the other invocation deleted it first
+            if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+    return same[0]
 
 
 def _register(client: MlflowClient, name: str, best: Candidate, fusion: Fusion | None):

@@ -16,13 +16,13 @@ import mlflow
 from mlflow.exceptions import MlflowException
 
 from pipeline import tracking
-from pipeline.config import PipelineConfig, to_dict
+from pipeline.config import PipelineConfig, flatten, to_dict
 from pipeline.errors import TrackingServerLost, UserError
 from pipeline.dag import StageSpec, build_dag, cache_key, package_version, upstream_closure
-from pipeline.execution import StageJob, StageRecord
+from pipeline.execution import StageJob, StageRecord, command
 from pipeline.scheduler import schedule, timeline_png, with_times
 from pipeline.stage import TrackingInfo
-from pipeline.storage import StageOutput, Store, is_local, resolve_uri
+from pipeline.storage import Damage, StageOutput, Store, check_work_dir, is_local, resolve_uri
 from vgg.artifacts import MARKDOWN_FILE, PLOT_FILE, TABLES_DIR, Fusion, Report
 
 
@@ -56,9 +56,11 @@ def select(dag: dict[str, StageSpec], stage_ids: list[str] | None) -> list[str]:
     return [s for s in dag if s in stage_ids]
 
 
-def plan_keys(dag: dict[str, StageSpec], store: Store, selected: list[str]) -> dict[str, str]:
+def plan_keys(dag: dict[str, StageSpec], store: Store, selected: list[str], hint: tuple[str, ...] = (),
+              verify: bool = False) -> dict[str, str]:
     """Cache keys of the selected stages; stages outside the selection contribute their
-    latest completed output (the contract of `--stage`), which must exist."""
+    latest completed output (the contract of `--stage`), which must exist and be intact
+    (`Store.damage`: sizes, and hashes with `verify`)."""
     keys: dict[str, str] = {}
     needed = set(selected)
     for sid in selected:
@@ -70,15 +72,70 @@ def plan_keys(dag: dict[str, StageSpec], store: Store, selected: list[str]) -> d
             keys[sid] = cache_key(dag[sid], keys)
             continue
         latest = store.latest(sid)
+        users = [s for s in selected if sid in dag[s].upstream] or selected
         if latest is None:
-            users = [s for s in selected if sid in dag[s].upstream] or selected
             raise PipelineError(
                 f"stage {', '.join(users)} needs the output of {sid}, which has no completed "
                 f"output in {store.work_dir}; produce it first with "
-                f"`python pipeline/run.py --stage {sid}` (or run the whole pipeline)"
+                f"`{command(hint, [sid])}` (or run the whole pipeline)"
             )
+        bad = store.damage(sid, latest.key, hashes=verify)
+        if bad is not None:
+            raise PipelineError(
+                f"stage {', '.join(users)} needs the output of {sid}, which is damaged: {bad}; "
+                f"redo it with `{command(hint, [sid], force=True)}`")
         keys[sid] = latest.key
     return keys
+
+
+def other_config(dag: dict[str, StageSpec], store: Store, selected: list[str], keys: dict[str, str]) -> str:
+    """When a stage runs alone (`--stage`) on upstream outputs made under another config
+    than the current one: one line saying which stages and which keys differ ("" if none).
+    Compares each upstream output's recorded config.json with the current config section."""
+    current: dict[str, str] = {}
+    for sid, spec in dag.items():
+        current[sid] = cache_key(spec, current)
+    changed: dict[str, list[str]] = {}  # upstream stage -> its keys that differ
+    for sid in dag:
+        if sid in selected or sid not in keys or keys[sid] == current[sid]:
+            continue
+        out = store.output(sid, keys[sid])
+        try:
+            made = flatten(out.read_json("config.json"))
+        except (OSError, ValueError):
+            made = None
+        now = flatten(to_dict(dag[sid].section))
+        if made is None:
+            changed[sid] = ["(its config.json is unreadable)"]
+            continue
+        prefix = f"train.nets.{dag[sid].section.name}." if hasattr(dag[sid].section, "net") else ""
+        diffs = [f"{prefix + k[4:] if k.startswith('net.') else k}: {made.get(k, '-')!r} -> {now.get(k, '-')!r}"
+                 for k in sorted(set(made) | set(now)) if made.get(k) != now.get(k)]
+        if diffs:
+            changed[sid] = diffs
+        elif out.marker.get("package_version") != package_version():
+            changed[sid] = [f"package version {out.marker.get('package_version')} -> {package_version()}"]
+    if not changed:
+        return ""
+    users = [s for s in selected if any(u in changed for u in upstream_closure(dag, s))]
+    parts = "; ".join(f"{sid} ({', '.join(d[:4])}{f', +{len(d) - 4} more' if len(d) > 4 else ''})"
+                      for sid, d in changed.items())
+    return (f"note: {', '.join(users)} runs on upstream outputs made under another config than "
+            f"this one: {parts}; add those stages to --stage to redo them with this config")
+
+
+def damaged_outputs(store: Store, selected: list[str], keys: dict[str, str], force: bool,
+                    verify: bool) -> dict[str, Damage]:
+    """The selected stages whose completed output is damaged (they are redone)."""
+    if force:
+        return {}
+    out = {}
+    for sid in selected:
+        if store.is_complete(sid, keys[sid]):
+            bad = store.damage(sid, keys[sid], hashes=verify)
+            if bad is not None:
+                out[sid] = bad
+    return out
 
 
 def preflight(dag: dict[str, StageSpec], to_run: list[str]) -> None:
@@ -91,7 +148,7 @@ def preflight(dag: dict[str, StageSpec], to_run: list[str]) -> None:
 
 
 def states(cfg: PipelineConfig) -> list[tuple[StageSpec, str, str]]:
-    """(stage, current cache key, done|stale|missing) for every stage."""
+    """(stage, current cache key, done|damaged|stale|missing) for every stage."""
     dag = build_dag(cfg)
     store = Store(cfg.work_dir)
     keys: dict[str, str] = {}
@@ -99,7 +156,7 @@ def states(cfg: PipelineConfig) -> list[tuple[StageSpec, str, str]]:
     for sid, spec in dag.items():
         keys[sid] = cache_key(spec, keys)
         if store.is_complete(sid, keys[sid]):
-            state = "done"
+            state = "damaged" if store.damage(sid, keys[sid]) is not None else "done"
         elif store.latest(sid) is not None:
             state = "stale"
         else:
@@ -143,25 +200,40 @@ def run_pipeline(
     stage_ids: list[str] | None = None,
     force: bool = False,
     config_path: str = "",
+    hint: list[str] | tuple[str, ...] | None = None,
+    verify: bool = False,
 ) -> PipelineRun:
-    """Run the selected stages (default: all) in dependency order."""
+    """Run the selected stages (default: all) in dependency order.
+
+    `hint`: the user's own `--config` / `--set` arguments, repeated in the commands that
+    error lines suggest (default: `--config config_path`). `verify`: check the content
+    hashes of the completed outputs it reuses, not only their sizes."""
+    hint = tuple(hint if hint is not None else (["--config", config_path] if config_path else []))
+    check_work_dir(cfg.work_dir)  # before anything is created there, and before Ray starts
     dag = build_dag(cfg)
     selected = select(dag, stage_ids)
     store = Store(cfg.work_dir)
-    keys = plan_keys(dag, store, selected)
-    preflight(dag, [s for s in selected if force or not store.is_complete(s, keys[s])])
+    keys = plan_keys(dag, store, selected, hint, verify)
+    if stage_ids:
+        note = other_config(dag, store, selected, keys)
+        if note:
+            _say(note)
+    damaged = damaged_outputs(store, selected, keys, force, verify)
+    for sid, bad in damaged.items():
+        _say(f"  [{sid}] damaged output: {bad}; redoing the stage")
+    preflight(dag, [s for s in selected if force or s in damaged or not store.is_complete(s, keys[s])])
     uri = tracking.tracking_uri(cfg)
     tracking.check_reachable(uri)
     with tracking.using_tracking_uri(uri), tracking.environment(tracking.http_retry_env(cfg.mlflow.retry_s)):
         try:
-            return _run(cfg, dag, selected, keys, store, uri, force, config_path, bool(stage_ids))
+            return _run(cfg, dag, selected, keys, store, uri, force, config_path, bool(stage_ids),
+                        set(damaged), hint)
         except Exception as e:
             if isinstance(e, TrackingServerLost) or tracking.lost_server(e):
                 raise TrackingServerLost(
-                    f"the MLflow tracking server {uri} stopped answering (each call waited "
-                    f"{cfg.mlflow.retry_s:g} s, mlflow.retry_s): start it again and re-run the same "
-                    "command; completed stages are reused and an interrupted training resumes "
-                    "and logs the epochs that could not be logged") from e
+                    f"the MLflow tracking server {uri} stopped answering ({tracking.lost_wait(e, cfg.mlflow.retry_s)}): "
+                    "start it again and re-run the same command; completed stages are reused and "
+                    "an interrupted training resumes and logs the epochs that could not be logged") from e
             raise
 
 
@@ -175,6 +247,8 @@ def _run(
     force: bool,
     config_path: str,
     partial: bool,
+    redo: set[str] = frozenset(),
+    hint: tuple[str, ...] = (),
 ) -> PipelineRun:
     """The parent MLflow run: the selected stages reused or executed (`pipeline.scheduler`),
     then the report into the parent run. Raises the first failure once every stage that
@@ -184,7 +258,7 @@ def _run(
     if stale:
         _say(f"marked {len(stale)} MLflow run(s) of an interrupted invocation KILLED")
     outputs = {sid: store.output(sid, keys[sid]) for sid in keys if sid not in selected}
-    to_run = [s for s in selected if force or not store.is_complete(s, keys[s])]
+    to_run = [s for s in selected if force or s in redo or not store.is_complete(s, keys[s])]
     ray_started = any(dag[s].needs_ray for s in to_run) and connect_ray(cfg)
     use_ray = ray_started or _ray_is_up()  # stage tasks also on a Ray this process joined before
     name = "stage " + " ".join(selected) if partial else "pipeline"
@@ -199,18 +273,18 @@ def _run(
             ups = {u: outputs[u] for u in dag[sid].upstream}
             return StageJob(dag[sid], keys[sid], ups, cfg.work_dir, info, force,
                             cfg.mlflow.system_metrics_interval_s if cfg.mlflow.system_metrics else None,
-                            mlflow_env, tracking.owner_tags(store.work_dir))
+                            mlflow_env, tracking.owner_tags(store.work_dir), sid in redo, hint)
 
         def done(sid: str) -> None:
             outputs[sid] = store.output(sid, keys[sid])
 
         try:
             outcome = schedule(dag, selected, job, cfg.pipeline.max_parallel_stages,
-                               use_ray=use_ray, on_done=done)
+                               use_ray=use_ray, on_done=done, work_dir=cfg.work_dir)
             run.records = outcome.records
             if "report" in selected and run.status_of("report") in ("ran", "reused"):
                 _log_report(outputs["report"])
-                _register_best(cfg, dag, outputs, uri)
+                _register_best(cfg, dag, outputs, uri, hint)
         finally:
             try:
                 _log_parent_end(run)
@@ -273,7 +347,7 @@ def _log_report(output: StageOutput) -> None:
 
 
 def _register_best(cfg: PipelineConfig, dag: dict[str, StageSpec], outputs: dict[str, StageOutput],
-                   uri: str) -> None:
+                   uri: str, hint: tuple[str, ...] = ()) -> None:
     """The best single net of the report into the model registry (`pipeline.registry`);
     the outcome as tags of the parent run and one console line."""
     from pipeline import registry
@@ -290,7 +364,7 @@ def _register_best(cfg: PipelineConfig, dag: dict[str, StageSpec], outputs: dict
         # every stage is published: the run's results stand; say what was not registered
         mlflow.set_tag("registry.error", str(e)[:5000])
         _say(f"WARNING: the best net was not registered in the model registry ({e}); "
-             f"results are complete. Fix the cause and re-run `--stage report` to register it")
+             f"results are complete. Fix the cause and re-run `{command(hint, ['report'])}` to register it")
         return
     if done is None:
         return

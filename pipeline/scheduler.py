@@ -25,7 +25,8 @@ from dataclasses import dataclass
 
 from pipeline.dag import StageSpec
 from pipeline.execution import StageJob, StageRecord, reuse, run_stage, say
-from pipeline.storage import Store
+from pipeline.errors import UserError
+from pipeline.storage import Store, disk_full, no_space
 
 
 @dataclass
@@ -41,7 +42,8 @@ def stage_task(job: StageJob) -> StageRecord:
 
 
 def schedule(dag: dict[str, StageSpec], selected: list[str], make_job: Callable[[str], StageJob],
-             max_parallel: int | None, use_ray: bool, on_done: Callable[[str], None]) -> Outcome:
+             max_parallel: int | None, use_ray: bool, on_done: Callable[[str], None],
+             work_dir: str | None = None) -> Outcome:
     """Run the selected stages in dependency order, up to `max_parallel` at once (None: no
     limit) as Ray tasks when `use_ray`, else one after the other in this process.
     `make_job(sid)` is called once its upstream stages are done; `on_done(sid)` after it
@@ -76,7 +78,7 @@ def schedule(dag: dict[str, StageSpec], selected: list[str], make_job: Callable[
                 failures.append((sid, error))
                 now = time.time()
                 record = StageRecord(sid, dag[sid].kind, "", "failed", started=run.started.get(sid, now),
-                                     ended=now, note=f"{type(error).__name__}: {error}"[:500])
+                                     ended=now, note=failure_note(error, work_dir)[:500])
                 say(f"  [{sid}] FAILED: {record.note}")
             records[sid] = record
             if record.status in ("ran", "reused"):
@@ -140,6 +142,16 @@ def auto_parallel(dag: dict[str, StageSpec], selected: list[str], use_ray: bool,
             if a not in ancestors[b] and b not in ancestors[a] and _fits([demand(dag[a]), demand(dag[b])], capacity):
                 return None, capacity
     return 1, None
+
+
+def failure_note(error: BaseException, work_dir: str | None = None) -> str:
+    """A failed stage's line: a full disk is named as such (SQLite's "database or disk is
+    full" when MLflow hit it first), a user's error by its message alone."""
+    if disk_full(error):
+        return no_space(error, work_dir)
+    if isinstance(error, UserError):
+        return str(error).splitlines()[0] if str(error) else type(error).__name__
+    return f"{type(error).__name__}: {error}"
 
 
 class _Serial:

@@ -201,6 +201,35 @@ def http_retry_env(retry_s: float) -> dict[str, str]:
             "MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(per_try))}
 
 
+def _call_bound_s(retry_s: float) -> int:
+    """The longest one MLflow call takes under `http_retry_env(retry_s)` (every try timing out)."""
+    waits = HTTP_BACKOFF * (2 ** HTTP_RETRIES - 1)
+    return int(http_retry_env(retry_s)["MLFLOW_HTTP_REQUEST_TIMEOUT"]) * (HTTP_RETRIES + 1) + waits
+
+
+def lost_wait(e: BaseException, retry_s: float) -> str:
+    """How long the MLflow calls really waited before the server counted as lost, from the
+    error: a refused connection gives up after the retries' backoff alone (0 + 2 + 4 s,
+    measured 6.0 s), a server
+    that accepts but does not answer after every try timed out (about `retry_s`)."""
+    texts, seen = [], set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        texts.append(str(e))
+        e = e.__cause__ or e.__context__
+    text = " ".join(texts)
+    waits = HTTP_BACKOFF * (2 ** HTTP_RETRIES - 2)  # urllib3 2: no backoff before the first retry
+    if any(t in text for t in ("refused", "Failed to establish a new connection", "Name or service not known",
+                               "nodename nor servname", "Connection reset")):
+        return (f"it refused connections: each MLflow call gave up after {HTTP_RETRIES} retries, about "
+                f"{waits} s; a server that accepts connections but does not answer is waited for up to "
+                f"{_call_bound_s(retry_s)} s per call, mlflow.retry_s = {retry_s:g}")
+    if "timed out" in text.lower() or "timeout" in text.lower():
+        return (f"its calls timed out: each waited about {_call_bound_s(retry_s)} s "
+                f"(mlflow.retry_s = {retry_s:g}) before giving up")
+    return f"each MLflow call gives up after at most {_call_bound_s(retry_s)} s, mlflow.retry_s = {retry_s:g}"
+
+
 @contextmanager
 def environment(values: dict[str, str]) -> Iterator[None]:
     """Set environment variables for a while (this process, and the processes it starts)."""

@@ -13,13 +13,18 @@ from __future__ import annotations
 
 from pipeline.dag import FuseInputs, FuseSection
 from pipeline.stage import StageContext, StageResult
+from pipeline.storage import DamagedOutput
 from vgg.artifacts import FUSED_FILE, write_fusion
+from vgg.errors import DamagedFile
 from vgg.results.fusion import fuse
 
 
 def run(config: FuseSection, inputs: FuseInputs, ctx: StageContext) -> StageResult:
     members = list(config.fuse.members)
-    f = fuse(members, inputs.evaluations)
+    try:
+        f = fuse(members, inputs.evaluations)
+    except DamagedFile as e:
+        raise DamagedOutput(f"{e}; redo it with --stage {e.source or 'evaluate/<net>'} --force") from e
     files = write_fusion(ctx.out, f.posteriors, f.row, f.member_rows)
     ctx.log(f"fused {len(members)} members over {len(f.posteriors)} images")
     row = f.row

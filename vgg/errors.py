@@ -15,3 +15,12 @@ class UserError(Exception):
     #: Whether the command line keeps the traceback in a file (errors of inputs that were
     #: checked before any work started have nothing more to say than their message).
     keep_traceback = True
+
+
+class DamagedFile(UserError, RuntimeError):
+    """A file that cannot be read as what it should be (truncated, corrupt): the message
+    names the file; `source` the step that made it, where known (e.g. "evaluate/D")."""
+
+    def __init__(self, message: str, source: str | None = None):
+        super().__init__(message)
+        self.source = source

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from vgg.artifacts import ROWS_FILE, Evaluation
+from vgg.errors import DamagedFile
 from vgg.paper import metric_name, parse_member, slug
 from vgg.results.metrics import Posteriors, average, errors
 from vgg.results.tables import EvalRow, FusionRow
@@ -28,6 +29,10 @@ class Fused:
 
 def fuse(members: list[str], evaluations: Mapping[str, Evaluation]) -> Fused:
     """Average the members' posteriors and score the fusion and each member (errors in %)."""
+    repeated = sorted({m for m in members if members.count(m) > 1})
+    if repeated:  # the config refuses them; members given in code must not be merged either
+        raise ValueError(f"fuse.members: {', '.join(map(repr, repeated))} repeated in {members}; "
+                         "name each member once")
     posts = {m: read_member(m, evaluations) for m in members}
     fused = average(list(posts.values()), names=members)
     table: dict[str, list] = {"member": [], "top-1 %": [], "top-5 %": []}
@@ -52,6 +57,8 @@ def read_member(member: str, evaluations: Mapping[str, Evaluation]) -> Posterior
         return evaluations[net].posteriors(mode)
     except FileNotFoundError as e:
         raise ValueError(f"fuse member {member!r}: evaluate/{net} {e}") from None
+    except DamagedFile as e:
+        raise DamagedFile(f"fuse member {member!r}: {e}", source=f"evaluate/{net}") from e
 
 
 def metric_prefix(member: str) -> str:

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from vgg.errors import DamagedFile
 from vgg.paper import within_topk
 from vgg.storage import read_bytes, write_bytes
 
@@ -171,7 +172,18 @@ def write_posteriors(post: Posteriors, fs, path: str) -> None:
 
 
 def read_posteriors(fs, path: str) -> Posteriors:
-    """Read a file written by `write_posteriors` (validated like any Posteriors)."""
+    """Read a file written by `write_posteriors` (validated like any Posteriors); a file that
+    cannot be read (truncated, corrupt) raises `vgg.errors.DamagedFile` naming it."""
+    try:
+        return _read_posteriors(fs, path)
+    except (OSError, ValueError, KeyError) as e:  # pyarrow's ArrowInvalid and numpy's errors too
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise DamagedFile(f"cannot read the posteriors file {path}: {type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}") from e
+
+
+def _read_posteriors(fs, path: str) -> Posteriors:
     if path.endswith(".parquet"):
         from vgg.results import parquet  # pyarrow, only for Parquet files
 

@@ -16,6 +16,7 @@ from typing import Any, Mapping, Protocol
 import torch
 
 from vgg.config import NetPlan, TrainConfig
+from vgg.errors import DamagedFile
 from vgg.storage import StageOutput, exists, read_bytes, resolve_uri, write_bytes
 from vgg.models import VGG, build_vgg, init_from, load_full, map_torchvision_state
 
@@ -52,12 +53,17 @@ def load_model(uri: str) -> tuple[VGG, dict[str, Any]]:
     batch_norm, classes, net, config, epoch, val_top1_err, val_top5_err.
     """
     fs, path = resolve_uri(uri)
-    return model_from_bytes(read_bytes(fs, path))
+    return model_from_bytes(read_bytes(fs, path), uri)
 
 
-def model_from_bytes(data: bytes) -> tuple[VGG, dict[str, Any]]:
-    """(net in eval mode, meta) from the bytes of a model.pt (`load_model`)."""
-    payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+def model_from_bytes(data: bytes, where: str = "model.pt") -> tuple[VGG, dict[str, Any]]:
+    """(net in eval mode, meta) from the bytes of a model.pt (`load_model`); bytes that are
+    no model.pt (truncated, corrupt) raise `vgg.errors.DamagedFile` naming `where`."""
+    try:
+        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises RuntimeError, EOFError, pickle errors...
+        raise DamagedFile(f"cannot read the model file {where} ({len(data)} bytes): {type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}") from e
     state = payload.pop("state_dict")
     dropout = payload.get("config", {}).get("train", {}).get("dropout", 0.5)
     net = empty_net(payload["arch"], num_classes=payload["num_classes"], width=payload["width"],

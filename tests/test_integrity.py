@@ -1,0 +1,430 @@
+"""Integrity (issue 25): a damaged file, an unusable work_dir or a bad name never blocks a
+rerun, never costs finished work, and always ends in one line that names the fix.
+
+Fast: the runner runs only the fuse and report stages (no Ray), on upstream outputs
+published here with hand-made posteriors; the Store, the registry and the CLI directly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from pipeline.cli import main
+from pipeline.config import ConfigError, load_config, to_dict
+from pipeline.dag import build_dag, cache_key
+from pipeline.runner import PipelineError, run_pipeline
+from pipeline.storage import DamagedOutput, Store, file_records, write_bytes
+from tests.conftest import DEMO, ROOT, TINY
+
+MEMBERS = 'fuse.members=["A:dense@multi","D:multi-crop+dense@multi"]'
+
+
+def _one_error_line(err: str) -> str:
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert "Traceback" not in err, err
+    errors = [x for x in lines if x.startswith("error:")]
+    assert len(errors) == 1, err
+    return errors[0]
+
+
+# ------------------------------------------------------------------ work_dir (item 3)
+
+
+def _unusable(tmp_path, what: str) -> str:
+    f = tmp_path / "a-file"
+    f.write_text("x")
+    return str(f) if what == "file" else str(f / "sub")
+
+
+@pytest.mark.parametrize("what", ["file", "through a file"])
+def test_a_work_dir_that_is_or_goes_through_a_file_fails_in_one_line_before_ray(tmp_path, capsys, what):
+    import ray
+
+    work = _unusable(tmp_path, what)
+    db = tmp_path / "elsewhere.db"  # a SQLite store elsewhere: Ray used to start first
+    assert main(["--set", f"work_dir={work}", f"mlflow.tracking_uri=sqlite:///{db}", *TINY,
+                 "--stage", "shard"]) == 2
+    err = capsys.readouterr().err
+    line = _one_error_line(err)
+    assert line.startswith(f"error: work_dir {work} ") and "not a directory" in line
+    assert "Starting a local Ray" not in err and not ray.is_initialized() and not db.exists()
+    assert main(["--set", f"work_dir={work}", "--list"]) == 2  # --list says the same
+    assert "not a directory" in _one_error_line(capsys.readouterr().err)
+
+
+@pytest.fixture
+def read_only(tmp_path):
+    """A read-only tmpfs (root and mount rights needed; skipped otherwise)."""
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mnt)],
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip() or res.returncode}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.mark.parametrize("sub", ["", "work"])
+def test_a_read_only_work_dir_fails_in_one_line_before_ray(read_only, capsys, sub):
+    work = str(read_only / sub) if sub else str(read_only)
+    assert main(["--set", f"work_dir={work}", *TINY, "--stage", "shard"]) == 2
+    err = capsys.readouterr().err
+    line = _one_error_line(err)
+    assert line.startswith(f"error: work_dir {work} is not writable (Read-only file system")
+    assert ".write-check-" not in line and "Starting a local Ray" not in err
+
+
+# ------------------------------------------------------------------ names (item 4)
+
+
+@pytest.mark.parametrize("override, key, says", [
+    ('experiment="vgg\\0demo"', "experiment", "control character: 'vgg\\x00demo'"),
+    ('experiment="vgg\\x1b[2Jdemo"', "experiment", "control character"),
+    ("experiment=team/vgg", "experiment", "'team/vgg-best-net' contains '/'"),
+    ("experiment=vgg:1", "experiment", "contains ':'"),
+    ("experiment=..vgg", "experiment", "must not start with '..'"),
+    ("mlflow.registered_model=a/b", "mlflow.registered_model", "contains '/'"),
+    ('mlflow.registered_model="best\\tnet"', "mlflow.registered_model", "control character"),
+    ("experiment=" + "x" * 501, "experiment", "MLflow allows 500"),
+])
+def test_names_mlflow_refuses_fail_at_load_naming_the_key(override, key, says):
+    with pytest.raises(ConfigError) as e:
+        load_config(DEMO, [override])
+    assert f": {key}: " in str(e.value) and says in str(e.value)
+
+
+def test_names_mlflow_accepts_load():
+    # an experiment name may hold "/" (MLflow allows it) when the registered model has its own name
+    cfg = load_config(DEMO, ["experiment=team/vgg", "mlflow.registered_model=vgg-best"])
+    assert (cfg.experiment, cfg.mlflow.registered_model) == ("team/vgg", "vgg-best")
+    assert load_config(DEMO, ["experiment=vgg demo (2)"]).experiment == "vgg demo (2)"
+
+
+def test_a_control_character_is_never_printed_raw(tmp_path, capsys):
+    assert main(["--set", f"work_dir={tmp_path}", 'experiment="a\\0b\\x1b[31m"', "--stage", "shard"]) == 2
+    err = capsys.readouterr().err
+    line = _one_error_line(err)
+    assert "\x00" not in err and "\x1b" not in err and "experiment: contains a control character" in line
+
+
+# ------------------------------------------------------------------ a work_dir with hand-made upstream outputs
+
+
+def _publish(store: Store, sid: str, key: str, section, write=None) -> None:
+    tmp = store.begin(sid, key)
+    from pipeline.storage import write_json
+
+    write_json(tmp.fs, tmp.join("config.json"), to_dict(section))
+    if write is not None:
+        write(tmp)
+    store.publish(tmp, {"stage_id": sid, "cache_key": key, "mlflow_run_id": "", "package_version": "test"})
+
+
+def _fake_evaluation(out, name: str, plan, seed: int) -> None:
+    """evaluate/<net> files as the stage writes them, from random posteriors."""
+    from pipeline.config import EvaluateConfig
+    from vgg.artifacts import write_evaluation
+    from vgg.evaluation.shares import combine_modes, eval_rows, q_sets
+    from vgg.paper import BASE_METHODS
+    from vgg.results.metrics import Posteriors, health
+
+    classes = ["a", "b", "c"]
+    keys = [f"val/{c}/{i:03d}.jpg" for c in classes for i in range(4)]
+    labels = [classes.index(k.split("/")[1]) for k in keys]
+    rng = np.random.default_rng(seed)
+
+    def post():
+        logits = rng.normal(size=(len(keys), len(classes))) * 2
+        logits[np.arange(len(keys)), labels] += 1.5
+        p = np.exp(logits)
+        return Posteriors(keys, labels, p / p.sum(1, keepdims=True), classes)
+
+    q_single, q_multi = q_sets(plan.scale, 32, EvaluateConfig())
+    per_q = {(m, q): post() for m in BASE_METHODS for q in {q_single, *q_multi}}
+    modes = combine_modes(per_q, q_single, q_multi)
+    rows = eval_rows(modes, name, plan, {"single": [q_single], "multi": q_multi})
+    write_evaluation(out, modes, rows, health(modes["dense@single"]))
+
+
+def _upstream(cfg) -> Store:
+    """Every stage before fuse published (under this config's keys), evaluations with posteriors."""
+    store = Store(cfg.work_dir)
+    keys: dict[str, str] = {}
+    for i, (sid, spec) in enumerate(build_dag(cfg).items()):
+        keys[sid] = cache_key(spec, keys)
+        if spec.kind in ("fuse", "report"):
+            continue
+        write = None
+        if spec.kind == "train":  # stands for the weights (evaluate/<net> is not run here)
+            write = lambda out: write_bytes(out.fs, out.join("model.pt"), bytes(range(256)) * 64)  # noqa: E731
+        if spec.kind == "evaluate":
+            write = lambda out, s=spec, i=i: _fake_evaluation(out, s.section.name, s.section.net, i)  # noqa: E731
+        _publish(store, sid, keys[sid], spec.section, write)
+    return store
+
+
+@pytest.fixture
+def fused(work_dir):
+    """A work_dir whose upstream outputs exist, after `--stage fuse report` ran once."""
+    over = [f"work_dir={work_dir}", *TINY, MEMBERS]
+    cfg = load_config(DEMO, over)
+    store = _upstream(cfg)
+    run = run_pipeline(cfg, ["fuse", "report"])
+    assert [r.status for r in run.records] == ["ran", "ran"]
+    return cfg, over, store
+
+
+def _posteriors(store: Store, net: str, mode: str = "dense@multi") -> str:
+    return store.latest(f"evaluate/{net}").join("posteriors", f"{mode}.parquet")
+
+
+def _truncate(path: str) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
+def _scramble(path: str) -> None:
+    """Same size, other content (a flipped block: only the hash tells)."""
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.seek(size // 2)
+        f.write(b"\xff" * 64)
+
+
+# ------------------------------------------------------------------ damaged outputs (item 1)
+
+
+def test_the_marker_records_every_file_and_reuse_checks_sizes_and_hashes(tmp_path):
+    store = Store(str(tmp_path / "w"))
+    tmp = store.begin("s", "k")
+    write_bytes(tmp.fs, tmp.join("a.bin"), b"x" * 1000)
+    write_bytes(tmp.fs, tmp.join("sub", "b.bin"), b"y" * 10)
+    out = store.publish(tmp, {"stage_id": "s"})
+    files = out.marker["files"]
+    on_disk = file_records(out.fs, out.path)
+    assert set(files) == {"a.bin", "sub/b.bin"} and files == {k: on_disk[k] for k in files}
+    assert files["a.bin"]["size"] == 1000 and len(files["a.bin"]["sha256"]) == 64
+    assert store.damage("s", "k") is None and store.damage("s", "k", hashes=True) is None
+    _scramble(out.join("a.bin"))
+    assert store.damage("s", "k") is None  # sizes alone cannot tell
+    bad = store.damage("s", "k", hashes=True)
+    assert bad.file_uri == out.join("a.bin") and "sha256 differs" in bad.why
+    os.remove(out.join("sub", "b.bin"))
+    assert str(store.damage("s", "k")) == f"{out.join('sub', 'b.bin')} is missing"
+    with open(out.join("_SUCCESS.json"), "r+b") as f:
+        f.truncate(7)
+    assert "cannot be read" in str(store.damage("s", "k"))
+
+
+def test_a_damaged_output_is_named_and_redone_by_a_plain_rerun(fused, capsys):
+    cfg, _, store = fused
+    fused_file = store.latest("fuse").join("posteriors", "fused.parquet")
+    size = os.path.getsize(fused_file)
+    _truncate(fused_file)
+    capsys.readouterr()
+    run = run_pipeline(cfg, ["fuse", "report"])
+    err = capsys.readouterr().err
+    assert run.status_of("fuse") == "ran" and run.status_of("report") == "reused"
+    assert [x for x in err.splitlines() if "damaged output" in x] == [
+        f"  [fuse] damaged output: {fused_file} is {size // 2} bytes, {size} when it was published; "
+        "redoing the stage"]
+    assert store.damage("fuse", store.latest("fuse").key) is None  # repaired
+    again = run_pipeline(cfg, ["fuse", "report"])
+    assert [r.status for r in again.records] == ["reused", "reused"]
+
+
+def test_a_damaged_upstream_output_stops_a_stage_run_alone_naming_file_and_command(fused, capsys):
+    cfg, over, store = fused
+    path = _posteriors(store, "A")
+    _truncate(path)
+    hint = ["--config", "configs/demo.yaml", "--set", *over]
+    for stage, force in (("fuse", True), ("report", True), ("fuse", False)):
+        with pytest.raises(PipelineError) as e:
+            run_pipeline(cfg, [stage], force=force, hint=hint)
+        msg = str(e.value)
+        assert f"needs the output of evaluate/A, which is damaged: {path} is " in msg
+        assert "redo it with `python pipeline/run.py --config configs/demo.yaml --set work_dir=" in msg
+        assert msg.endswith(" --stage evaluate/A --force`") and "\n" not in msg
+    # on the command line: one line, exit 2, no traceback
+    capsys.readouterr()
+    assert main(["--set", *over, "--stage", "fuse", "--force"]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert path in line and "--stage evaluate/A --force" in line
+
+
+def test_damaged_weights_stop_an_evaluation_run_alone_before_anything_starts(fused, capsys):
+    import ray
+
+    cfg, over, store = fused
+    model = store.latest("train/A").join("model.pt")
+    _truncate(model)
+    capsys.readouterr()
+    assert main(["--set", *over, "--stage", "evaluate/A", "--force"]) == 2
+    err = capsys.readouterr().err
+    line = _one_error_line(err)
+    assert f"evaluate/A needs the output of train/A, which is damaged: {model} is 8192 bytes, 16384 " in line
+    assert line.endswith("--stage train/A --force`") and not ray.is_initialized()
+
+
+def test_a_same_size_damage_is_named_when_read_and_caught_before_with_verify(fused, capsys):
+    cfg, over, store = fused
+    path = _posteriors(store, "A")
+    _scramble(path)
+    # sizes match: the stage reads it, fails, and the failure names the file (hashes compared)
+    capsys.readouterr()
+    assert main(["--set", *over, "--stage", "fuse", "--force"]) == 2
+    err = capsys.readouterr().err
+    line = _one_error_line(err)
+    assert f"fuse could not read its input: {path} has other content than when it was published" in line
+    assert "--stage evaluate/A --force`" in line and f"--set {over[0]}" in line
+    assert "Traceback" not in err and "ArrowInvalid" not in err.replace(line, "")
+    # --verify compares the hashes of what it reuses before anything runs
+    with pytest.raises(PipelineError, match=r"evaluate/A, which is damaged: .*sha256 differs"):
+        run_pipeline(cfg, ["fuse"], force=True, verify=True)
+
+
+def test_fuse_names_a_damaged_posteriors_file_outside_the_runner(tmp_path):
+    from tests.test_fuse import fake_evaluate, fuse
+
+    nets = {"a": fake_evaluate(tmp_path, "a", "D", 256, seed=1)}
+    path = nets["a"].out.join("posteriors", "dense@multi.parquet")
+    _truncate(path)
+    with pytest.raises(DamagedOutput, match=rf"cannot read the posteriors file {path}: ArrowInvalid.*"
+                                            r"redo it with --stage evaluate/a --force"):
+        fuse(tmp_path, ["a:dense@multi"], nets)
+
+
+def test_list_says_damaged(fused, capsys):
+    cfg, over, store = fused
+    _truncate(_posteriors(store, "D"))
+    capsys.readouterr()
+    assert main(["--set", *over, "--list"]) == 0
+    rows = {x.split()[0]: x.split()[1] for x in capsys.readouterr().out.splitlines()[1:] if x.strip()
+            and not x.startswith(("critical", "expected"))}
+    assert rows["evaluate/D"] == "damaged" and rows["evaluate/A"] == "done"
+
+
+# ------------------------------------------------------------------ hints and notes (item 5)
+
+
+def test_the_missing_upstream_hint_repeats_the_users_config_and_set(tmp_path, capsys):
+    args = ["--config", str(DEMO), "--set", f"work_dir={tmp_path / 'w'}", "train.max_epochs=3", "--stage", "fuse"]
+    assert main(args) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert (f"`python pipeline/run.py --config {DEMO} --set work_dir={tmp_path / 'w'} train.max_epochs=3 "
+            "--stage shard`") in line
+
+
+def test_a_stage_run_alone_on_outputs_of_another_config_says_which_keys_differ(fused, capsys):
+    cfg, over, store = fused
+    changed = load_config(DEMO, [*over, "train.nets.A.lr=0.02", "evaluate.grid=3"])
+    capsys.readouterr()
+    run = run_pipeline(changed, ["fuse"], force=True)
+    assert run.status_of("fuse") == "ran"
+    notes = [x for x in capsys.readouterr().err.splitlines() if x.startswith("note:")]
+    assert len(notes) == 1
+    note = notes[0]
+    assert note.startswith("note: fuse runs on upstream outputs made under another config than this one:")
+    assert "evaluate/A (evaluate.grid: 5 -> 3, train.nets.A.lr: 0.005 -> 0.02)" in note
+    assert "train/A (train.nets.A.lr: 0.005 -> 0.02)" in note and "evaluate/D (evaluate.grid: 5 -> 3)" in note
+    capsys.readouterr()
+    run_pipeline(cfg, ["fuse"], force=True)  # the same config: nothing to say
+    assert "note:" not in capsys.readouterr().err
+
+
+def test_the_lost_server_line_states_the_wait_it_measured():
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import tracking
+    from pipeline.runner import _free_port
+
+    uri = f"http://127.0.0.1:{_free_port()}"  # nothing listens: connections are refused
+    with tracking.environment(tracking.http_retry_env(120)):
+        t0 = time.monotonic()
+        with pytest.raises(Exception) as e:
+            MlflowClient(uri).get_experiment_by_name("x")
+        waited = time.monotonic() - t0
+    assert tracking.lost_server(e.value)
+    said = tracking.lost_wait(e.value, 120)
+    assert said.startswith("it refused connections: each MLflow call gave up after 3 retries, about 6 s")
+    assert 4 < waited < 12  # not 120 s
+    assert "timed out: each waited about 119 s" in tracking.lost_wait(TimeoutError("Read timed out"), 120)
+
+
+def test_a_full_disk_is_named_even_when_mlflow_hits_it_first(tmp_path):
+    import sqlalchemy.exc
+
+    from pipeline.scheduler import failure_note
+
+    e = sqlalchemy.exc.OperationalError("INSERT INTO metrics", {}, Exception("database or disk is full"))
+    note = failure_note(e, str(tmp_path))
+    assert note == f"no space left on the device holding {tmp_path} (MLflow's store reported it)"
+    assert "database" not in note.split("(")[0]
+
+
+# ------------------------------------------------------------------ left open earlier (item 6)
+
+
+def test_a_failed_write_leaves_no_temporary_file(tmp_path):
+    """A real write failure: the file size limit (RLIMIT_FSIZE, as a full quota) hit mid-write."""
+    script = f"""
+import resource, signal, os
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+import pyarrow.fs as pafs
+from pipeline.storage import write_bytes
+try:
+    write_bytes(pafs.LocalFileSystem(), {str(tmp_path / 'out' / 'f.bin')!r}, b"x" * (1 << 20))
+except OSError as e:
+    print("failed:", e.errno)
+print(sorted(os.listdir({str(tmp_path / 'out')!r})))
+"""
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines() == ["failed: 27", "[]"]  # EFBIG, and nothing left behind
+
+
+def test_fuse_refuses_a_repeated_member_built_in_code(tmp_path):
+    from tests.test_fuse import fake_evaluate, fuse
+
+    nets = {"a": fake_evaluate(tmp_path, "a", "D", 256, seed=1), "b": fake_evaluate(tmp_path, "b", "D", 256, seed=2)}
+    with pytest.raises(ValueError, match=r"fuse.members: 'a:dense@multi' repeated"):
+        fuse(tmp_path, ["a:dense@multi", "b:dense@multi", "a:dense@multi"], nets)
+
+
+def test_two_invocations_registering_at_the_same_instant_leave_one_version(tmp_path, monkeypatch):
+    """Both look for the net's version before either creates one (forced here: the lookup
+    finds nothing), so both create one; one is kept, the same for both."""
+    import mlflow
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import registry, tracking
+    from pipeline.stage import NetToLog
+    from vgg.models import build_vgg
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("race", artifact_location=f"file://{tmp_path}/artifacts")
+    torch.manual_seed(0)
+    net = build_vgg("A", num_classes=3, width=0.125, crop=32)
+    with tracking.using_tracking_uri(uri):
+        with mlflow.start_run(experiment_id=exp):
+            example = np.zeros((1, 3, 32, 32), np.float32)
+            model_id = tracking.log_net(NetToLog(net, example, {}, {}), None)
+        monkeypatch.setattr(registry, "_version_of", lambda *a: None)  # both checked before either registered
+        cand = registry.Candidate("A", model_id, 30.0, None, "data", "")
+        first = registry.register_best(client, "race-best-net", [cand], None)
+        second = registry.register_best(client, "race-best-net", [cand], None)
+    versions = client.search_model_versions("name = 'race-best-net'")
+    assert [v.version for v in versions] == [1] or [str(v.version) for v in versions] == ["1"]
+    assert first.version == second.version == "1" and second.champion == "1"
