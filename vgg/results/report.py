@@ -189,16 +189,12 @@ def _markdown(tables: dict[str, dict], judged: list[claims.ClaimRow], collapsed:
                   f"testable): {', '.join(collapsed)}" + (f" ({how})" if how else "")
                   + ". See their train and evaluate runs' `health` tag.", ""]
     for scales, evidence in distorted.items():
-        parts += [f"**Warning: dense evaluation is distorted at crop {crop or '?'}** ({scales} test "
-                  f"scale{'s' if scales == 'multi' else ''}; {evidence}; the paper's Table 5 has dense "
-                  f"and multi-crop within 0.2 points, our bound is {claims.DENSE_DISTORTION_BOUND:g}). "
-                  f"Claims 1-3 are judged in {mode} instead of {cfg.compare_mode}"
-                  if mode != cfg.compare_mode and mode.endswith(scales) else
-                  f"**Warning: dense evaluation is distorted at crop {crop or '?'}** ({scales} test "
-                  f"scale{'s' if scales == 'multi' else ''}; {evidence}; the paper's Table 5 has dense "
-                  f"and multi-crop within 0.2 points, our bound is {claims.DENSE_DISTORTION_BOUND:g})",
-                  ""]
-        parts[-2] += "; comparisons that use dense evaluation there are not testable."
+        line = (f"**Warning: dense evaluation is distorted at crop {crop or '?'}** ({scales} test "
+                f"scale{'s' if scales == 'multi' else ''}; {evidence}; the paper's Table 5 has dense "
+                f"and multi-crop within 0.2 points, our bound is {claims.DENSE_DISTORTION_BOUND:g})")
+        if mode != cfg.compare_mode and mode.split("@")[1] == scales:
+            line += f". Claims 1-3 are judged in {mode} instead of {cfg.compare_mode}"
+        parts += [line + "; comparisons that use dense evaluation there are not testable.", ""]
     for name, title in TITLES.items():
         parts.append(paper.to_markdown(tables[name], title) if name in tables else f"### {title}\n\n(no rows)\n")
     if judged:
