@@ -32,7 +32,8 @@ config keys (YAML, typed; every key can be overridden with --set dotted.key=valu
   mlflow.tracking_uri    default sqlite:///<work_dir>/mlflow.db; the env variable MLFLOW_TRACKING_URI wins
   ray.address            default: $RAY_ADDRESS if set, else a private local Ray instance; "auto" on a cluster
   data.root              image folder <root>/{train,val}/<class>/*; unset: a generated demo dataset
-  pipeline.max_parallel_stages   stages at once (default: as the cluster's resources allow; 1: one by one)
+  pipeline.max_parallel_stages   stages at once (default auto: on one machine only as many as its CPUs/GPUs
+                                 fit, on a cluster as its resources allow; 1: one by one; null: no limit)
 
 caching: a stage whose cache key (hash of its config section, its upstream stages'
 keys and the package version) has a completed output is reused, not re-run.

@@ -24,6 +24,7 @@ from pipeline.scheduler import schedule, timeline_png, with_times
 from pipeline.stage import TrackingInfo
 from pipeline.storage import Damage, StageOutput, Store, check_work_dir, is_local, resolve_uri
 from vgg.artifacts import MARKDOWN_FILE, PLOT_FILE, TABLES_DIR, Fusion, Report
+from vgg.results.tables import display
 
 
 class PipelineError(UserError, RuntimeError):
@@ -338,8 +339,8 @@ def _log_report(output: StageOutput) -> None:
     """The report stage's tables, Markdown and plot, also into the parent run (where a
     reader of the invocation looks first), and its Markdown on the console."""
     report = Report(output)
-    for name, table in report.tables().items():
-        mlflow.log_table(table, artifact_file=f"{TABLES_DIR}/{name}")
+    for name, table in report.tables().items():  # rounded for display; the JSON files keep full precision
+        mlflow.log_table(display(table), artifact_file=f"{TABLES_DIR}/{name}")
     markdown = report.markdown()
     mlflow.log_text(markdown, f"{TABLES_DIR}/{MARKDOWN_FILE}")
     tracking.log_output_files(output, [PLOT_FILE], TABLES_DIR)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -86,6 +87,11 @@ def test_every_stage_runs_and_is_recorded(demo):
     arts = {a.path for a in client.list_artifacts(first.parent_run_id, "tables")}
     assert {"tables/table3.json", "tables/claims.json", "tables/results.md",
             "tables/error_vs_depth.png"} <= arts
+    # the parent run's tables are rounded for display (one decimal), the report's JSON is not
+    with tempfile.TemporaryDirectory() as tmp:
+        shown = json.loads(Path(client.download_artifacts(first.parent_run_id, "tables/table3.json", tmp)).read_text())
+    col = shown["columns"].index("top-1")
+    assert all(v is None or round(v, 1) == v for v in (row[col] for row in shown["data"]))
     # every train and evaluate run says whether its net collapsed; the report names them
     report = next(r for r in stage_runs(cfg) if r.data.tags["stage"] == "report")
     for r in stage_runs(cfg):

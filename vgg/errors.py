@@ -17,7 +17,7 @@ class UserError(Exception):
     keep_traceback = True
 
 
-class DamagedFile(UserError, RuntimeError):
+class DamagedFile(UserError, ValueError):
     """A file that cannot be read as what it should be (truncated, corrupt): the message
     names the file; `source` the step that made it, where known (e.g. "evaluate/D")."""
 

@@ -56,7 +56,7 @@ def load_model(uri: str) -> tuple[VGG, dict[str, Any]]:
     return model_from_bytes(read_bytes(fs, path), uri)
 
 
-def model_from_bytes(data: bytes, where: str = "model.pt") -> tuple[VGG, dict[str, Any]]:
+def model_from_bytes(data: bytes, where: str = "<bytes>") -> tuple[VGG, dict[str, Any]]:
     """(net in eval mode, meta) from the bytes of a model.pt (`load_model`); bytes that are
     no model.pt (truncated, corrupt) raise `vgg.errors.DamagedFile` naming `where`."""
     try:
