@@ -22,11 +22,18 @@ def test_demo_config_loads_with_defaults():
     assert cfg.shard.rows_per_shard == 100
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "cifar10.yaml", "cifar10_paper.yaml", "imagenet.yaml"])
-def test_shipped_configs_load(name):
+@pytest.mark.parametrize("name", ["demo.yaml", "cifar10.yaml", "cifar10_paper.yaml", "imagenet.yaml",
+                                  "imagenette.yaml"])
+def test_shipped_configs_load_in_both_entry_points(name):
+    """The workflow (pipeline/run.py) and the library alone (python -m vgg.ladder) read the
+    same file into the same experiment."""
+    from vgg.config import load_experiment
+
     overrides = ["data.root=/data/x"] if name != "demo.yaml" else []
     cfg = load_config(ROOT / "configs" / name, overrides)
     assert cfg.experiment
+    alone = load_experiment(ROOT / "configs" / name, overrides)
+    assert all(getattr(alone, f) == getattr(cfg, f) for f in alone.__dataclass_fields__)
 
 
 def test_unknown_key_names_key_and_file(tmp_path):

@@ -220,27 +220,6 @@ def test_stage_with_missing_upstream_says_how_to_produce_it(tiny_cfg):
         run_pipeline(cfg, ["evaluate/A"])
 
 
-@pytest.mark.slow
-def test_bad_files_are_counted_and_training_runs(ray_session, tmp_path):
-    """Truncated, empty, non-image, PNG-named-.jpg, CMYK, grayscale, 16-bit files: the shards
-    hold only decodable RGB JPEGs, so DALI trains on them without a crash."""
-    import numpy as np
-    import pyarrow.fs as pafs
-
-    from pipeline.config import DemoDataConfig
-    from vgg.data import demo as demo_data
-    from tests.test_shard import bad_files
-
-    root = tmp_path / "data"
-    demo_data.generate(pafs.LocalFileSystem(), str(root), DemoDataConfig(3, 8, 4, 36, 60, 0))
-    bad_files(root, np.random.default_rng(3), cls="c0_disc")
-    cfg = load_config(DEMO, [f"work_dir={tmp_path / 'work'}", f"data.root={root}", *E2E])
-    run = run_pipeline(cfg, ["shard", "augment", "train/A"])
-    assert [r.status for r in run.records] == ["ran", "ran", "ran"]
-    shard_run = next(r for r in stage_runs(cfg) if r.data.tags["stage"] == "shard")
-    assert shard_run.data.metrics["skipped"] == 4 and shard_run.data.metrics["converted"] == 4
-
-
 from tests import browser  # noqa: E402  (helpers shared with docs/screenshots.py)
 
 
@@ -304,14 +283,28 @@ def test_mlflow_ui_shows_the_runs_dataset_model_and_results_in_a_browser(demo, t
 
 
 @pytest.mark.slow
-def test_the_whole_default_runs_with_the_torch_backend(ray_session, tmp_path):
+def test_the_whole_default_runs_with_the_torch_backend_on_bad_files(ray_session, tmp_path):
     """`python pipeline/run.py --set augment.backend=torch`: every stage of the default plan
-    with torchvision's decoding and torch's augmentation instead of DALI."""
-    work = tmp_path / "work"
-    assert main(["--config", str(DEMO), "--set", f"work_dir={work}", *E2E, "augment.backend=torch"]) == 0
-    cfg = load_config(DEMO, [f"work_dir={work}", *E2E, "augment.backend=torch"])
-    kinds = {r.data.tags["stage"] for r in stage_runs(cfg)}
-    assert kinds == {"shard", "augment", "train", "evaluate", "fuse", "report"}
+    with torchvision's decoding and torch's augmentation instead of DALI, on a folder with
+    truncated, empty, non-image, PNG-named-.jpg, CMYK, grayscale and 16-bit files (the shards
+    hold only decodable RGB JPEGs: skipped 4, converted 4)."""
+    import numpy as np
+    import pyarrow.fs as pafs
+
+    from pipeline.config import DemoDataConfig
+    from tests.test_shard import bad_files
+    from vgg.data import demo as demo_data
+
+    root, work = tmp_path / "data", tmp_path / "work"
+    demo_data.generate(pafs.LocalFileSystem(), str(root), DemoDataConfig(3, 8, 4, 36, 60, 0))
+    bad_files(root, np.random.default_rng(3), cls="c0_disc")
+    over = [f"work_dir={work}", f"data.root={root}", *E2E, "augment.backend=torch"]
+    assert main(["--config", str(DEMO), "--set", *over]) == 0
+    cfg = load_config(DEMO, over)
+    runs = stage_runs(cfg)
+    assert {r.data.tags["stage"] for r in runs} == {"shard", "augment", "train", "evaluate", "fuse", "report"}
+    shard_run = next(r for r in runs if r.data.tags["stage"] == "shard")
+    assert shard_run.data.metrics["skipped"] == 4 and shard_run.data.metrics["converted"] == 4
     spec = json.loads(next((work / "stages" / "augment").glob("*/spec.json")).read_text())
     assert spec["backend"] == "torch"
     assert next((work / "stages" / "report").glob("*/results.md")).read_text().startswith("#")

@@ -46,15 +46,6 @@ CROP, SCALE = 32, 36
 
 
 # ---------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module", autouse=True)
-def fast_ray_train():
-    """Ray Train polls its workers every 2 s by default; faster polling shortens every
-    run's start, end and failure detection (propagated from the driver to the workers)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-        yield
-
-
 @pytest.fixture(scope="module")
 def data(ray_session, tmp_path_factory):
     """Shard and augment outputs of a tiny demo set, and an MLflow store."""
