@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-from vgg.config import (WORKFLOW_KEYS, AugmentConfig, ConfigError, DataConfig, DemoDataConfig,
+from vgg.config import (AugmentConfig, ConfigError, DataConfig, DemoDataConfig,
                         EvaluateConfig, ExperimentConfig, FuseConfig, NetPlan, ReportConfig,
                         ShardConfig, TrainConfig, _check, check_scale_of, flatten, load_yaml,
                         parse_override, to_dict, validate_experiment)

@@ -56,7 +56,7 @@ from vgg.paper import single_test_scale
 from vgg.storage import list_dir
 from vgg.training.checkpoints import empty_net, read_weights
 from vgg.training.loop import (EPOCH_METRICS, SCORE, FitOptions, TorchDistributed, TrainCallback,
-                               TrainState, fit, plain_net)
+                               TrainState, fit)
 from vgg.training.schedule import schedule_of
 from vgg.training.steps import Precision
 

@@ -46,7 +46,7 @@ from vgg.config import ShardConfig
 from vgg.data.statistics import pixel_sums, rgb_statistics
 from vgg.storage import StageOutput, resolve_uri, write_bytes
 from vgg.artifacts import CONVERTED_FILE, SKIPPED_FILE, write_shard_index
-from vgg.data.folders import DatasetError, Listing, subsample
+from vgg.data.folders import DatasetError, subsample
 from vgg.data.layouts import list_dataset
 from vgg.data.imagenet import TAR_SCHEME, read_member
 

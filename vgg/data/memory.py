@@ -33,13 +33,11 @@ from PIL import Image
 
 from vgg.data.augmentation import AugmentSpec, resized_hw, train_params
 from vgg.data.folders import list_image_folder, subsample
-from vgg.data.sampling import (center_batches, check_int, dense_batches, share_bounds, share_rows,
+from vgg.data.sampling import (center_batches, check_eval_loader, check_int, dense_batches, share_bounds, share_rows,
                                train_batches)
 from vgg.data.statistics import rgb_statistics
 from vgg.evaluation.scoring import grid_crops
 from vgg.paper import Scale, parse_scale
-
-MODES = ("center", "dense", "multicrop")
 
 
 # --------------------------------------------------------------------------
@@ -417,13 +415,7 @@ class MemoryEvalLoader:
     def __init__(self, store: ImageStore, spec: AugmentSpec, q: int, batch_size: int,
                  mode: str = "center", grid: int = 5, flips: bool = True, rank: int = 0,
                  world_size: int = 1):
-        check_int("batch_size", batch_size, 1)
-        check_int("grid", grid, 1)
-        check_int("Q", q, 1)
-        if mode not in MODES:
-            raise ValueError(f"mode must be 'dense', 'multicrop' or 'center', got {mode!r}")
-        if mode != "dense" and q < spec.crop:
-            raise ValueError(f"Q={q} < crop={spec.crop}: crops would not fit")
+        check_eval_loader(spec.crop, q, batch_size, grid, mode, rank, world_size)
         lo, hi = share_bounds(len(store), rank, world_size)
         self.store, self.spec, self.q, self.batch_size = store, spec, q, batch_size
         self.mode, self.grid, self.flips = mode, grid, flips

@@ -113,3 +113,19 @@ def dense_batches(lo: int, rh: np.ndarray, rw: np.ndarray, batch_size: int) -> l
             plan.append(np.asarray(pending.pop(key), np.int64))
     plan.extend(np.asarray(b, np.int64) for b in pending.values())
     return plan
+
+
+EVAL_MODES = ("dense", "multicrop", "center")
+
+
+def check_eval_loader(crop: int, q: int, batch_size: int, grid: int, mode: str, rank: int,
+                      world_size: int) -> None:
+    """The arguments every evaluation loader takes (any backend), checked alike."""
+    check_int("batch_size", batch_size, 1)
+    check_int("grid", grid, 1)
+    check_int("Q", q, 1)
+    if mode not in EVAL_MODES:
+        raise ValueError(f"mode must be 'dense', 'multicrop' or 'center', got {mode!r}")
+    if mode != "dense" and q < crop:
+        raise ValueError(f"Q={q} < crop={crop}: crops would not fit")
+    share_bounds(1, rank, world_size)  # validates rank/world_size

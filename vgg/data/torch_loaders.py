@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from vgg.data.augmentation import AugmentSpec, resized_hw, train_params
-from vgg.data.sampling import center_batches, check_int, dense_batches, share_bounds, train_batches
+from vgg.data.sampling import (center_batches, check_eval_loader, check_int, dense_batches, share_bounds,
+                               train_batches)
 from vgg.data.shards import RowFetcher, ShardIndex, read_sizes, shard_files
 from vgg.evaluation.scoring import grid_crops
 from vgg.paper import Scale, parse_scale
@@ -347,14 +348,7 @@ def build_eval_loader(source: str | Path | Sequence[str | Path], spec: AugmentSp
     Each rank gets a contiguous, unshuffled share; dense/multicrop batches are
     bucketed by rescaled size (a batch may hold fewer than ``batch_size``).
     """
-    check_int("batch_size", batch_size, 1)
-    check_int("grid", grid, 1)
-    check_int("Q", q, 1)
-    if mode not in ("dense", "multicrop", "center"):
-        raise ValueError(f"mode must be 'dense', 'multicrop' or 'center', got {mode!r}")
-    if mode != "dense" and q < spec.crop:
-        raise ValueError(f"Q={q} < crop={spec.crop}: crops would not fit")
-    share_bounds(1, rank, world_size)
+    check_eval_loader(spec.crop, q, batch_size, grid, mode, rank, world_size)
     fetcher = RowFetcher(ShardIndex(shard_files(source, split)), with_keys=True,
                          copy_rows=mode != "center")
     return EvalLoader(fetcher, spec, q, batch_size, rank, world_size,
