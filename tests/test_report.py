@@ -308,3 +308,12 @@ def test_dense_far_from_multi_crop_is_distorted_and_verdicts_move_to_multi_crop(
             "D": fake_evaluation(tmp_path / "calm", "D", "D", 40, 0.78)}
     again = build_report(calm, None, None, ReportConfig(bootstrap_samples=200))
     assert again.distorted == {} and again.compare_mode == "dense@single"
+
+
+def test_a_reason_shared_by_both_members_is_said_once(tmp_path):
+    # the demo's report said "dense distorted at crop 32; dense distorted at crop 32"
+    bad = {m: 0.42 for m in ("dense@single", "dense@multi", "multi-crop+dense@single", "multi-crop+dense@multi")}
+    outputs = {"D": fake_evaluation(tmp_path, "D", "D", 40, 0.78, mode_accuracy=bad, crop=32)}
+    report = build_report(outputs, None, None, ReportConfig(bootstrap_samples=200))
+    both = [r for r in report.claims if r.verdict == "not testable" and r.comparison.count("dense@") == 2]
+    assert both and all(r.note == "dense distorted at crop 32" for r in both), [r.note for r in both]

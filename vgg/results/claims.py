@@ -211,7 +211,10 @@ def judge(comps: Sequence[Comparison], replicates: Mapping[str, np.ndarray],
         nets = {m.split(":", 1)[0] for m in (c.first, c.second)}
         bad = sorted(nets & set(collapsed))
         reasons = [f"collapsed: {', '.join(bad)}"] if bad else []
-        reasons += [why for m in (c.first, c.second) if (why := untestable.get(m)) and why not in reasons]
+        for m in (c.first, c.second):  # each reason once ("dense distorted at crop 32" for both)
+            why = untestable.get(m)
+            if why and why not in reasons:
+                reasons.append(why)
         if reasons:
             out.append(ClaimRow(c.claim, c.label, diff, lo, hi, "not testable", "; ".join(reasons)))
             continue
