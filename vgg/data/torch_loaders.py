@@ -259,15 +259,8 @@ class TrainLoader(_Loader):
 
 
 class EvalLoader(_Loader):
-    """Evaluation loader at test scale Q; each iteration is one full pass.
-
-    mode "center": (images (B, 3, crop, crop), labels, keys);
-    mode "dense":  (images (B, 3, H, W), labels, keys), one (H, W) per batch
-    (the paper also scores the flip: ``images.flip(-1)``, a cheap torch op);
-    mode "multicrop": (crops (B, n, 3, crop, crop), labels, keys) with n = g*g
-    grid crops (row-major) followed by their horizontal flips if ``flips``.
-    (As `vgg.data.dali.EvalLoader`.)
-    """
+    """Evaluation loader at test scale Q, modes center / dense / multicrop; yields exactly
+    what `vgg.data.dali.EvalLoader` yields (see there)."""
 
     def __init__(self, fetcher: RowFetcher, spec: AugmentSpec, q: int, batch_size: int,
                  rank: int, world_size: int, device_id: int | None, mode: str, grid: int,
