@@ -26,11 +26,8 @@ MLflow callback (rank 0).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import io
 import json
 import os
-import posixpath
 import sys
 import tempfile
 import time
@@ -42,7 +39,7 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
-from mlflow.entities import Metric
+from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
@@ -53,15 +50,14 @@ from vgg.config import NetPlan, TrainConfig, to_dict
 from vgg.data.augmentation import AugmentSpec
 from vgg.data.loaders import build_center_loader, build_train_loader
 from vgg.paper import single_test_scale
-from vgg.storage import list_dir
-from vgg.training.checkpoints import empty_net, read_weights
+from vgg.storage import LocalFS, list_dir
+from vgg.training.checkpoints import (MANIFEST_FILE, STATE_FILE, check_checkpoint, empty_net, read_checkpoint as read_state,
+                                       read_weights, write_checkpoint)
 from vgg.training.loop import (EPOCH_METRICS, SCORE, FitOptions, TorchDistributed, TrainCallback,
                                TrainState, fit)
 from vgg.training.schedule import schedule_of
-from vgg.training.steps import Precision
+from vgg.training.steps import Precision, describe_choice
 
-STATE_FILE = "state.pt"  # inside each Ray Train checkpoint
-MANIFEST_FILE = "state.json"  # beside it: its size and SHA-256, epoch and score
 RUN_PREFIX = "ray_train"  # each run of the stage: <scratch>/ray_train-<time>-<token>/epoch_NNNN/
 OUTCOME_SUFFIX = ".outcome.json"  # <scratch>/<run name>.outcome.json: see _tell_driver
 
@@ -104,13 +100,13 @@ class WorkerPlan:
     def per_worker_batch(self) -> int:
         return max(1, self.train.batch_size // self.train.num_workers)
 
-    @property
-    def precision(self) -> Precision:
-        return Precision(self.train.bf16, self.train.channels_last)
+    def precision(self, device: torch.device) -> Precision:
+        """train.bf16 / channels_last on this worker's device ("auto" resolved there)."""
+        return Precision.choose(self.train.bf16, self.train.channels_last, device)
 
-    def fit_options(self) -> FitOptions:
+    def fit_options(self, device: torch.device) -> FitOptions:
         return FitOptions(epochs=self.epochs, num_classes=self.num_classes,
-                          per_worker_batch=self.per_worker_batch, precision=self.precision,
+                          per_worker_batch=self.per_worker_batch, precision=self.precision(device),
                           seed=self.train.seed, log_every=self.train.log_every, name=self.stage_id,
                           crop=self.spec["crop"])
 
@@ -146,10 +142,16 @@ class MlflowLogger(TrainCallback):
         self._log([Metric(k, float(r[k]), now, r["epoch"]) for r in records for k in EPOCH_METRICS
                    if r.get(k) is not None])
 
-    def _log(self, metrics: list[Metric]) -> None:
-        if not (self.active and self.plan.run_id and metrics):
+    def log_params(self, params: dict[str, Any]) -> None:
+        """Params of the worker's own choices (the precision "auto" resolved to)."""
+        self._log([], [Param(k, str(v)) for k, v in params.items()])
+
+    def _log(self, metrics: list[Metric], params: list[Param] = ()) -> None:
+        if not (self.active and self.plan.run_id and (metrics or params)):
             return
         self._client = self._client or MlflowClient(self.plan.tracking_uri)
+        if params:
+            self._pending.append(self._client.log_batch(self.plan.run_id, params=list(params), synchronous=False))
         for i in range(0, len(metrics), 1000):  # MLflow's batch limit
             self._pending.append(self._client.log_batch(self.plan.run_id, metrics=metrics[i:i + 1000],
                                                         synchronous=False))
@@ -183,7 +185,7 @@ def _train(plan: WorkerPlan) -> None:
     logger = MlflowLogger(plan, rank)
     state, start = _restore(plan, device, ctx, logger)
     loader, val_loader = _loaders(plan, rank, world, device, start)
-    result = fit(state, loader, val_loader, plan.fit_options(), start=start, comm=TorchDistributed(),
+    result = fit(state, loader, val_loader, plan.fit_options(device), start=start, comm=TorchDistributed(),
                  device=device, checkpoint=_reporter(plan, rank), callbacks=(logger, *plan.callbacks))
     if result.diverged is not None and rank == 0:  # the same facts on every rank
         d = result.diverged
@@ -205,7 +207,11 @@ def _restore(plan: WorkerPlan, device: torch.device, ctx, logger: MlflowLogger) 
     else:  # an earlier run's, chosen by the driver (scan_checkpoints)
         saved = _read_state(plan.resume_uri) if plan.resume_uri else None
     net.load_state_dict(read_weights(plan.init_uri) if saved is None else saved["model"])
-    net = plan.precision.net(net)
+    precision = plan.precision(device)
+    if rank_zero(ctx):
+        _say(plan, describe_choice(t.bf16, t.channels_last, precision, device))
+        logger.log_params(precision.params())
+    net = precision.net(net)
     net = ray.train.torch.prepare_model(net)  # DDP (world > 1); broadcasts rank 0's weights
     if t.compile:  # the whole DDP module, as PyTorch recommends; checkpoints use plain_net(net)
         net = torch.compile(net)
@@ -237,14 +243,13 @@ def read_checkpoint(checkpoint) -> dict[str, Any]:
 
 
 def _read_state(folder_uri: str) -> dict[str, Any]:
-    fs, path = resolve_uri(folder_uri)
-    return torch.load(io.BytesIO(read_bytes(fs, posixpath.join(path, STATE_FILE))), map_location="cpu",
-                      weights_only=True)
+    return read_state(*resolve_uri(folder_uri))
 
 
 def _loaders(plan: WorkerPlan, rank: int, world: int, device: torch.device, start: int):
     """This worker's training loader (its share) and centre-crop validation loader."""
     spec = AugmentSpec.from_dict(plan.spec)
+    spec = dataclasses.replace(spec, channels_last=plan.precision(device).channels_last)  # NHWC batches
     device_id = device.index if device.type == "cuda" else None
     if device_id is None and spec.device == "auto":
         spec = dataclasses.replace(spec, device="cpu")  # a CPU worker decodes on its CPU
@@ -269,14 +274,7 @@ def _reporter(plan: WorkerPlan, rank: int):
             checkpoint = None
             if rank == 0:
                 saved = {**state.state_dict(), "config": to_dict(plan.section), "mlflow_run_id": plan.run_id}
-                buf = io.BytesIO()
-                torch.save(saved, buf)
-                data = buf.getvalue()
-                with open(os.path.join(tmp, STATE_FILE), "wb") as f:
-                    f.write(data)
-                with open(os.path.join(tmp, MANIFEST_FILE), "w") as f:  # what "complete" means
-                    json.dump({"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
-                               "epoch": state.epoch, SCORE: record[SCORE]}, f)
+                write_checkpoint(LocalFS(), tmp, saved, state.epoch, record[SCORE])
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch_{state.epoch:04d}")
 
@@ -329,30 +327,6 @@ def outcome_uri(scratch: StageOutput, run: str) -> str:
     return scratch.file_uri(run + OUTCOME_SUFFIX)
 
 
-def _check(fs, folder: str) -> tuple[int, float]:
-    """(epoch, score) of a complete checkpoint folder; raises ValueError saying what is wrong."""
-    state_path, manifest_path = posixpath.join(folder, STATE_FILE), posixpath.join(folder, MANIFEST_FILE)
-    if not exists(fs, state_path):
-        raise ValueError(f"no {STATE_FILE} (written partly)")
-    data = read_bytes(fs, state_path)
-    if exists(fs, manifest_path):
-        try:
-            m = json.loads(read_bytes(fs, manifest_path))
-            want = (m["bytes"], m["sha256"])
-            epoch, score = int(m["epoch"]), float(m[SCORE])
-        except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"unreadable {MANIFEST_FILE} ({type(e).__name__})") from None
-        if (len(data), hashlib.sha256(data).hexdigest()) != want:
-            raise ValueError(f"{STATE_FILE} has {len(data)} bytes or a SHA-256 other than its "
-                             f"{MANIFEST_FILE} says (written partly, or damaged)")
-        return epoch, score
-    try:  # a checkpoint of an earlier version (no manifest): complete if it loads
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        return int(state["epoch"]), float(state["progress"]["history"][-1][SCORE])
-    except Exception as e:  # noqa: BLE001 - any failure to load means: not usable
-        raise ValueError(f"{STATE_FILE} does not load ({type(e).__name__}: {str(e)[:120]})") from None
-
-
 def scan_checkpoints(scratch: StageOutput) -> tuple[list[SavedCheckpoint], list[tuple[str, str]]]:
     """Every complete checkpoint of every earlier Ray run of this stage and key, the newest
     epoch first (on ties, the later run), and the folders skipped with the reason."""
@@ -367,7 +341,7 @@ def scan_checkpoints(scratch: StageOutput) -> tuple[list[SavedCheckpoint], list[
                 continue
             uri = scratch.file_uri(run.base_name, e.base_name)
             try:
-                epoch, score = _check(scratch.fs, e.path)
+                epoch, score = check_checkpoint(scratch.fs, e.path)
             except ValueError as why:
                 skipped.append((uri, str(why)))
                 continue

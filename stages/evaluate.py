@@ -66,7 +66,7 @@ def run(config: EvaluateSection, inputs: EvaluateInputs, ctx: StageContext) -> S
         metrics=metrics,
         params={"q_single": q_single, "q_multi": q_multi, "workers": workers,
                 "crops_per_scale": cfg.grid * cfg.grid * (2 if cfg.flips else 1),
-                "model_uri": model_uri},
+                "model_uri": model_uri, **results[0].precision.params()},
         # for display (one decimal); rows.json, the metrics and the posteriors keep full precision
         tables={"errors.json": display(table), "errors_per_q.json": display(q_table)},
         tags={"collapsed": str(h.collapsed).lower(), "health": h.describe()},

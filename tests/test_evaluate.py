@@ -26,6 +26,7 @@ from vgg.results.metrics import Posteriors, errors, read_posteriors
 from pipeline.sharding import shard
 from vgg.results.report import build_report
 from vgg.models import build_vgg
+from vgg.training.steps import Precision
 from tests.conftest import write_images
 
 CROP, CLASSES = 32, 3
@@ -79,7 +80,8 @@ def tiny_net():
 
 def job(data, **kw) -> E.ShareJob:
     base = E.ShareJob(data["train"].join("model.pt"), data["shard"].join("val"), data["spec"].to_dict(),
-                      (CROP,), tuple(f"c{i}" for i in range(CLASSES)), batch_size=4, threads=1)
+                      (CROP,), tuple(f"c{i}" for i in range(CLASSES)), batch_size=4, threads=1,
+                      bf16=False, channels_last=False)  # exact comparisons: float32 (auto: tests below)
     return dataclasses.replace(base, **kw)
 
 
@@ -240,3 +242,27 @@ def test_bf16_channels_last_share_is_close_to_fp32(data):
         keys2, labels2, probs2 = bf16.posteriors[mq]
         assert keys == keys2 and np.array_equal(labels, labels2)
         np.testing.assert_allclose(probs, probs2, atol=0.05)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_chosen_on_the_tasks_device(data, monkeypatch, native):
+    """"auto" resolves where the share runs: bf16 only on a CPU with native bf16 (the
+    capability probes monkeypatched both ways), channels_last on every CPU, and the loader
+    hands NHWC batches; the choice comes back with the result (the stage logs it)."""
+    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        monkeypatch.setattr(torch.cpu, probe, lambda: native)
+    seen = []
+    real = E.Scorer.of
+
+    def spy(net, precision, compile=False):
+        scorer = real(net, precision, compile)
+        fn = scorer.dense_probs  # what the loader handed, before the scorer's own conversion
+        scorer.dense_probs = lambda images, flips: (
+            seen.append(images.is_contiguous(memory_format=torch.channels_last)), fn(images, flips))[1]
+        return scorer
+
+    monkeypatch.setattr(E.Scorer, "of", spy)
+    res = E.evaluate_share(job(data, qs=(40,), grid=1, flips=False, methods=("dense",), bf16="auto",
+                               channels_last="auto"))
+    assert res.precision == Precision(bf16=native, channels_last=True)
+    assert seen and all(seen)

@@ -178,9 +178,11 @@ class TrainConfig:
     max_failures: int = 2
     #: Checkpoints kept: the best N by validation top-1 accuracy, plus the latest.
     keep_checkpoints: int = 2
-    #: bf16 autocast and channels_last (GPU speed; both work on CPU too).
-    bf16: bool = False
-    channels_last: bool = False
+    #: bf16 autocast and channels_last memory layout: true, false, or "auto" (the default):
+    #: bf16 where the device runs it natively (CUDA with bf16; a CPU with AMX or
+    #: AVX512-BF16), channels_last on CUDA and CPUs (`vgg.training.steps.Precision.choose`).
+    bf16: bool | Literal["auto"] = "auto"
+    channels_last: bool | Literal["auto"] = "auto"
     #: torch.compile the training net (GPU speed; minutes of compilation first, so off by
     #: default and not worth it on a CPU). Checkpoints load either way.
     compile: bool = False
@@ -213,9 +215,9 @@ class EvaluateConfig:
     num_workers: int = 1
     use_gpu: bool = False
     #: bf16 autocast, channels_last and torch.compile, as train.bf16 / channels_last / compile
-    #: (posteriors are computed in float32 from the bf16 scores).
-    bf16: bool = False
-    channels_last: bool = False
+    #: (posteriors are computed in float32 from the bf16 scores); "auto" as train's.
+    bf16: bool | Literal["auto"] = "auto"
+    channels_last: bool | Literal["auto"] = "auto"
     compile: bool = False
     cpus_per_worker: float = 1.0
     #: Only these nets (None: every net of train.nets).

@@ -55,7 +55,7 @@ from vgg.storage import StageOutput, write_json
 from vgg.training.checkpoints import initial_model
 from vgg.training.loop import FitOptions, TrainState, fit, plain_net
 from vgg.training.schedule import schedule_of
-from vgg.training.steps import Precision, mfu
+from vgg.training.steps import Precision, describe_choice, mfu
 
 SUMMARY_FILE = "summary.json"
 
@@ -113,8 +113,9 @@ def run_ladder(cfg: ExperimentConfig, data_root: str, out_dir: str, device: torc
     say(f"data: {len(train_set)} training and {len(val_set)} validation images of {len(classes)} "
         f"classes in {device} memory ({time.perf_counter() - t_start:.1f} s)")
     spec = spec_from_config(cfg.augment, memory.rgb_stats(train_set))
-    spec = dataclasses.replace(spec, channels_last=t.channels_last)
-    precision = Precision(t.bf16, t.channels_last)
+    precision = Precision.choose(t.bf16, t.channels_last, device)
+    say(describe_choice(t.bf16, t.channels_last, precision, device) + " (training)")
+    spec = dataclasses.replace(spec, channels_last=precision.channels_last)  # the loaders hand NHWC
     out = StageOutput.at(out_dir)
     trained: dict[str, _Trained] = {}
     evaluations: dict[str, Evaluation] = {}
@@ -137,8 +138,7 @@ def run_ladder(cfg: ExperimentConfig, data_root: str, out_dir: str, device: torc
         entry["mfu"] = mfu(entry["images_per_s"], entry["forward_macs"], summary["device"])
         if name in evaluated:
             t1 = time.perf_counter()
-            evaluations[name] = _evaluate(cfg, name, plan, net, classes, spec, val_set, out_dir, precision,
-                                          device)
+            evaluations[name] = _evaluate(cfg, name, plan, net, classes, spec, val_set, out_dir, device)
             entry["evaluate_seconds"] = time.perf_counter() - t1
             entry["best_mode"] = min(evaluations[name].rows(), key=lambda r: r.top1).mode
         summary["nets"][name] = entry
@@ -211,7 +211,7 @@ def _train(cfg: ExperimentConfig, name: str, plan: NetPlan, classes: list[str], 
 
 
 def _evaluate(cfg: ExperimentConfig, name: str, plan: NetPlan, net: VGG, classes: list[str],
-              spec: AugmentSpec, val_set, out_dir: str, precision: Precision, device: torch.device) -> Evaluation:
+              spec: AugmentSpec, val_set, out_dir: str, device: torch.device) -> Evaluation:
     """Dense, multi-crop and both at single and multi-scale (`score_share` over the images in
     memory), written as an evaluate output."""
     from vgg.data.memory import MemoryEvalLoader
@@ -220,6 +220,8 @@ def _evaluate(cfg: ExperimentConfig, name: str, plan: NetPlan, net: VGG, classes
     q_single, q_multi = q_sets(plan.scale, spec.crop, e)
     qs = {"single": [q_single], "multi": q_multi}
     net = set_pool_rounding(net, e.pool_rounding).to(device)
+    precision = Precision.choose(e.bf16, e.channels_last, device)
+    spec = dataclasses.replace(spec, channels_last=precision.channels_last)
     scorer = Scorer.of(net, precision, e.compile)
 
     def loader(q: int):

@@ -54,3 +54,9 @@ def _clock(seconds: float) -> str:
     s = int(round(max(seconds, 0)))
     h, m = divmod(s // 60, 60)
     return f"{h}:{m:02d}:{s % 60:02d}" if h else f"{m}:{s % 60:02d}"
+
+
+def say(name: str, msg: str) -> None:
+    """One `  [<name>] msg` line on stderr (the stages' line format), as Progress writes it."""
+    sys.stderr.write(f"  [{name}] {msg}\n")
+    sys.stderr.flush()

@@ -13,6 +13,7 @@ fsspec's because the workflow's Parquet and Ray Data code takes pyarrow filesyst
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import posixpath
@@ -180,3 +181,59 @@ class StageOutput:
 
     def read_json(self, *parts: str) -> Any:
         return read_json(self.fs, self.join(*parts))
+
+
+# ---------------------------------------------------------------- published outputs
+#: The file that marks a folder of outputs complete: every file's size and SHA-256, written
+#: last (the workflow's stages and the ladder write it; reuse checks it).
+MARKER = "_SUCCESS.json"
+HASH = "sha256"
+
+
+def digest(fs, path: str, chunk: int = 1 << 20) -> str:
+    """sha256 of a file, streamed."""
+    h = hashlib.sha256()
+    with fs.open_input_stream(path) as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                return h.hexdigest()
+            h.update(block)
+
+
+def file_sizes(fs, root: str) -> dict[str, int]:
+    """Every file under `root` (relative POSIX path) -> its size."""
+    if not exists(fs, root):
+        return {}
+    out: dict[str, int] = {}
+    for e in list_dir(fs, root):
+        if e.is_dir:
+            out.update({posixpath.join(e.base_name, k): v for k, v in file_sizes(fs, e.path).items()})
+        else:
+            out[e.base_name] = e.size
+    return out
+
+
+def file_records(fs, root: str, names=None) -> dict[str, dict[str, Any]]:
+    """Files under `root` (all, or `names`) -> {"size", "sha256"}: what `damage` checks."""
+    sizes = file_sizes(fs, root)
+    return {name: {"size": sizes[name], HASH: digest(fs, posixpath.join(root, name))}
+            for name in sorted(sizes if names is None else names)}
+
+
+def damage(fs, root: str, files: dict[str, dict[str, Any]], hashes: bool = True) -> tuple[str, str] | None:
+    """Whether the files under `root` are still those `files` (`file_records`) recorded:
+    their sizes, and their sha256 with `hashes`. -> (the first differing file's path, why),
+    or None."""
+    sizes = file_sizes(fs, root)
+    for name, rec in sorted(files.items()):
+        path = posixpath.join(root, name)
+        if name not in sizes:
+            return path, "is missing"
+        if sizes[name] != rec.get("size"):
+            return path, f"is {sizes[name]} bytes, {rec.get('size')} when it was written"
+    if hashes:
+        for name, rec in sorted(files.items()):
+            if rec.get(HASH) and digest(fs, posixpath.join(root, name)) != rec[HASH]:
+                return posixpath.join(root, name), "has other content than when it was written (sha256 differs)"
+    return None

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from vgg.config import EvaluateConfig, NetPlan
-from vgg.progress import Progress
+from vgg.progress import Progress, say
 from vgg.data.augmentation import AugmentSpec
 from vgg.data.loaders import build_eval_loader
 from vgg.evaluation.scoring import Scorer
@@ -44,7 +44,7 @@ from vgg.paper import BASE_METHODS, MODES, metric_name, multi_test_scales, singl
 from vgg.results.metrics import Posteriors, average, errors
 from vgg.results.tables import EvalRow
 from vgg.training.checkpoints import load_model
-from vgg.training.steps import Precision
+from vgg.training.steps import Precision, describe_choice
 
 # ---------------------------------------------------------------- test scales
 def q_sets(scale: int | Sequence[int], crop: int, cfg: EvaluateConfig) -> tuple[int, list[int]]:
@@ -84,8 +84,8 @@ class ShareJob:
     methods: tuple[str, ...] = BASE_METHODS
     name: str = "evaluate"  # prefix of progress lines
     pool_rounding: str = "ceil"  # vgg.set_pool_rounding
-    bf16: bool = False
-    channels_last: bool = False
+    bf16: bool | str = "auto"  # Precision.choose resolves "auto" on the task's device
+    channels_last: bool | str = "auto"
     compile: bool = False
 
 
@@ -98,6 +98,7 @@ class ShareResult:
     posteriors: dict[tuple[str, int], tuple[list[str], np.ndarray, np.ndarray]]
     images: int
     seconds: dict[str, float] = field(default_factory=dict)  # decode, dense, multi-crop, total
+    precision: Precision = Precision()  # what the task ran at (its device's choice for "auto")
 
 
 def evaluate_share(job: ShareJob) -> ShareResult:
@@ -109,7 +110,11 @@ def evaluate_share(job: ShareJob) -> ShareResult:
     net, meta = load_model(job.model_uri)
     net = set_pool_rounding(net, job.pool_rounding).to(device)
     _check_model(net, meta, spec, job)
-    scorer = Scorer.of(net, Precision(job.bf16, job.channels_last), job.compile)
+    precision = Precision.choose(job.bf16, job.channels_last, device)
+    if job.rank == 0:
+        say(job.name, describe_choice(job.bf16, job.channels_last, precision, device))
+    spec = dataclasses.replace(spec, channels_last=precision.channels_last)  # the loader hands NHWC
+    scorer = Scorer.of(net, precision, job.compile)
 
     def loader(q: int):
         return build_eval_loader(job.shards, spec, q, job.batch_size, mode="dense", rank=job.rank,
@@ -118,6 +123,7 @@ def evaluate_share(job: ShareJob) -> ShareResult:
     res = score_share(scorer, loader, job.qs, device, methods=job.methods, grid=job.grid, flips=job.flips,
                       batch_size=job.batch_size, name=job.name, rank=job.rank, world_size=job.world_size)
     res.seconds["total"] = time.perf_counter() - t_start
+    res.precision = precision
     return res
 
 

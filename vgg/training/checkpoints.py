@@ -8,6 +8,7 @@ train stage (random, Glorot, from A, from a whole net) and imported torchvision 
 from __future__ import annotations
 
 import hashlib
+import json
 import io
 import math
 import posixpath
@@ -153,3 +154,56 @@ def read_weights(uri: str) -> dict[str, torch.Tensor]:
     """A state_dict written by `write_init_weights`."""
     fs, path = resolve_uri(uri)
     return torch.load(io.BytesIO(read_bytes(fs, path)), map_location="cpu", weights_only=True)
+
+
+# ---------------------------------------------------------------- training checkpoints
+STATE_FILE = "state.pt"  # a checkpoint's training state (`TrainState.state_dict` and more)
+MANIFEST_FILE = "state.json"  # beside it, written after it: its size and SHA-256, epoch and score
+SCORE = "val_top1_acc"  # the checkpoint score (`vgg.training.loop.SCORE`)
+
+
+def write_checkpoint(fs, folder: str, saved: Mapping[str, Any], epoch: int, score: float) -> None:
+    """One checkpoint folder: STATE_FILE, then MANIFEST_FILE (each written atomically), so a
+    crash leaves a folder that `check_checkpoint` refuses, never one it takes for complete."""
+    data, manifest = checkpoint_bytes(saved, epoch, score)
+    write_bytes(fs, posixpath.join(folder, STATE_FILE), data)
+    write_bytes(fs, posixpath.join(folder, MANIFEST_FILE), manifest)
+
+
+def checkpoint_bytes(saved: Mapping[str, Any], epoch: int, score: float) -> tuple[bytes, bytes]:
+    """(STATE_FILE's bytes, MANIFEST_FILE's bytes) of a checkpoint."""
+    buf = io.BytesIO()
+    torch.save(dict(saved), buf)
+    data = buf.getvalue()
+    manifest = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "epoch": epoch, SCORE: score}
+    return data, json.dumps(manifest).encode()
+
+
+def check_checkpoint(fs, folder: str) -> tuple[int, float]:
+    """(epoch, score) of a complete checkpoint folder; raises ValueError saying what is wrong."""
+    state_path, manifest_path = posixpath.join(folder, STATE_FILE), posixpath.join(folder, MANIFEST_FILE)
+    if not exists(fs, state_path):
+        raise ValueError(f"no {STATE_FILE} (written partly)")
+    data = read_bytes(fs, state_path)
+    if exists(fs, manifest_path):
+        try:
+            m = json.loads(read_bytes(fs, manifest_path))
+            want = (m["bytes"], m["sha256"])
+            epoch, score = int(m["epoch"]), float(m[SCORE])
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"unreadable {MANIFEST_FILE} ({type(e).__name__})") from None
+        if (len(data), hashlib.sha256(data).hexdigest()) != want:
+            raise ValueError(f"{STATE_FILE} has {len(data)} bytes or a SHA-256 other than its "
+                             f"{MANIFEST_FILE} says (written partly, or damaged)")
+        return epoch, score
+    try:  # a checkpoint of an earlier version (no manifest): complete if it loads
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        return int(state["epoch"]), float(state["progress"]["history"][-1][SCORE])
+    except Exception as e:  # noqa: BLE001 - any failure to load means: not usable
+        raise ValueError(f"{STATE_FILE} does not load ({type(e).__name__}: {str(e)[:120]})") from None
+
+
+def read_checkpoint(fs, folder: str) -> dict[str, Any]:
+    """The saved state of a checkpoint folder (CPU tensors)."""
+    return torch.load(io.BytesIO(read_bytes(fs, posixpath.join(folder, STATE_FILE))), map_location="cpu",
+                      weights_only=True)

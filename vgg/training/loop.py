@@ -35,10 +35,10 @@ from vgg.paper import TOPK
 from vgg.progress import Progress
 from vgg.results.metrics import health_of, meaningful_topk
 from vgg.training import guard
+from vgg.training.checkpoints import SCORE  # the checkpoint score (higher is better)
 from vgg.training.schedule import PlateauSchedule
 from vgg.training.steps import Precision, sgd_step, topk_hits
 
-SCORE = "val_top1_acc"  # the checkpoint score (higher is better)
 PROGRESS_EVERY_S = 10.0  # at most one progress line per epoch every this many seconds
 EPOCH_METRICS = ("train_loss", "train_top1_err", "train_top5_err", "val_top1_err", "val_top5_err",
                  "lr", "images_per_s", "epoch_seconds")
