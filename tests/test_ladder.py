@@ -111,3 +111,107 @@ def test_the_report_stage_rebuilds_the_report_from_the_ladders_posteriors(ladder
         ours = json.loads((out / "report" / "tables" / name).read_text())
         assert ours == json.loads((tmp_path / "report" / "tables" / name).read_text()), name
     assert (tmp_path / "report" / "claims.json").read_text() == (out / "report" / "claims.json").read_text()
+
+
+# ---------------------------------------------------------------- what a long run meets
+def _ladder(tmp: Path, *args: str, kill_on: str | None = None) -> tuple[int, str]:
+    """`python -m vgg.ladder toy.yaml --data data --out out ARGS` in a subprocess; with
+    `kill_on`, SIGKILL it as soon as a line containing that text is printed. -> (rc, stderr)."""
+    cmd = [sys.executable, "-m", "vgg.ladder", str(tmp / "toy.yaml"), "--data", str(tmp / "data"),
+           "--out", str(tmp / "out"), "--device", "cpu", *args]
+    if kill_on is None:
+        res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+        return res.returncode, res.stderr
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if kill_on in line:
+            proc.kill()
+            break
+    proc.wait(timeout=60)
+    return proc.returncode, "".join(lines)
+
+
+def _weights(path: Path) -> dict:
+    import torch
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+@pytest.fixture(scope="module")
+def resumed(ladder, tmp_path_factory):
+    """The toy ladder with an undecodable and an empty JPEG in its folder, killed (SIGKILL)
+    right after B's first checkpoint, then run again on the same --out."""
+    tmp = tmp_path_factory.mktemp("resume")
+    _folder(tmp / "data")
+    (tmp / "data" / "train" / "class0" / "zz_empty.jpg").write_bytes(b"")
+    (tmp / "data" / "val" / "class1" / "zz_garbage.jpg").write_bytes(b"\xff\xd8 not a JPEG at all")
+    (tmp / "toy.yaml").write_text(TOY)
+    killed = _ladder(tmp, kill_on="[train/B] epoch 1/2 loss")
+    again = _ladder(tmp)
+    return tmp, killed, again
+
+
+def test_a_killed_ladder_resumes_where_it_stopped_and_ends_as_an_uninterrupted_run(ladder, resumed):
+    _, full = ladder
+    tmp, (rc_killed, _), (rc, err) = resumed
+    out = tmp / "out"
+    assert rc_killed != 0 and rc == 0, err[-3000:]
+    assert "train/A: reused" in err  # A was finished: verified and kept
+    assert "[train/B] resuming after 1 finished epochs" in err
+    history = json.loads((out / "train" / "B" / "history.json").read_text())
+    assert [r["epoch"] for r in history["epochs"]] == [0, 1] and len(history["resumes"]) == 1
+    for net in ("A", "B", "B-jit"):  # bit for bit the weights of the run that was never stopped
+        ours, theirs = _weights(out / "train" / net / "model.pt"), _weights(full / "train" / net / "model.pt")
+        assert all(torch_equal(ours[k], theirs[k]) for k in theirs), net
+    assert not (out / "_checkpoints").exists()  # scratch removed once every net is published
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+    return torch.equal(a, b)
+
+
+def test_bad_images_are_skipped_and_listed(resumed):
+    tmp, _, (rc, err) = resumed
+    assert rc == 0
+    rows = (tmp / "out" / "data_problems.csv").read_text().splitlines()
+    assert rows[0] == "key,action,reason" and len(rows) == 3
+    assert any(r.startswith("train/class0/zz_empty.jpg,skipped,") for r in rows)
+    assert any(r.startswith("val/class1/zz_garbage.jpg,skipped,") for r in rows)
+    assert "2 image(s) skipped" in err and "Traceback" not in err
+
+
+def test_a_rerun_reuses_verified_outputs_and_redoes_a_damaged_one(resumed):
+    tmp, _, _ = resumed
+    out = tmp / "out"
+    posteriors = sorted((out / "evaluate" / "B" / "posteriors").iterdir())[0]
+    data = bytearray(posteriors.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte, same size
+    posteriors.write_bytes(bytes(data))
+    rc, err = _ladder(tmp)
+    assert rc == 0, err[-3000:]
+    for net in ("A", "B", "B-jit"):
+        assert f"train/{net}: reused" in err
+    assert "evaluate/A: reused" in err and "evaluate/B-jit: reused" in err
+    assert f"evaluate/B: damaged output: {posteriors}" in err and "sha256 differs" in err
+    assert posteriors.read_bytes() != bytes(data)  # rewritten
+    rc, err = _ladder(tmp, "--fresh")
+    assert rc == 0 and "--fresh: the earlier ladder outputs" in err and "reused" not in err
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--out", "FILE"], "--out {tmp}/file: {tmp}/file is a file, not a directory"),
+    (["--out", "FILE/sub"], "--out {tmp}/file/sub: {tmp}/file is a file, not a directory"),
+    (["--data", "MISSING"], "--data {tmp}/missing: does not exist"),
+    (["--set", "train.nets.A.lr=fast"], "train.nets.A.lr: expected a number, got 'fast'"),
+    (["--set", "fuse.members=[X:dense@single]"], "fuse.members: 'X:dense@single' names 'X', which is not evaluated"),
+])
+def test_bad_arguments_stop_before_any_training_in_one_line(tmp_path, args, says):
+    (tmp_path / "file").write_text("not a folder")
+    _folder(tmp_path / "data", classes=2, train=2, val=1)
+    (tmp_path / "toy.yaml").write_text(TOY)
+    args = [a.replace("FILE", str(tmp_path / "file")).replace("MISSING", str(tmp_path / "missing")) for a in args]
+    rc, err = _ladder(tmp_path, *args)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert rc == 2 and lines == [f"error: {says.format(tmp=tmp_path)}"], err[-2000:]

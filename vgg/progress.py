@@ -39,17 +39,17 @@ class Progress:
         rate = self.done / max(elapsed, 1e-9)
         unit = f" {self.unit}" if self.unit else ""
         if not self.total:
-            text = f"{self.what}: {self.done}{unit} {rate:.1f}/s {_clock(elapsed)} elapsed"
+            text = f"{self.what}: {self.done}{unit} {rate:.1f}/s {clock(elapsed)} elapsed"
         else:
             frac = min(self.done / self.total, 1.0)
             bar = "#" * round(frac * self.WIDTH) + "-" * (self.WIDTH - round(frac * self.WIDTH))
-            eta = _clock((self.total - self.done) / rate) if rate > 0 else "?"
+            eta = clock((self.total - self.done) / rate) if rate > 0 else "?"
             text = (f"{self.what} [{bar}] {frac:4.0%} {self.done}/{self.total}{unit} {rate:.1f}/s "
-                    f"{_clock(elapsed)} elapsed ETA {eta}")
+                    f"{clock(elapsed)} elapsed ETA {eta}")
         return f"{text} | {note}" if note else text
 
 
-def _clock(seconds: float) -> str:
+def clock(seconds: float) -> str:
     """h:mm:ss or m:ss."""
     s = int(round(max(seconds, 0)))
     h, m = divmod(s // 60, 60)
