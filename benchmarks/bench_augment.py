@@ -4,7 +4,9 @@ training loader vs a torchvision + DataLoader pipeline.
 Backends (``--backend dali|torch|both``): the loaders of `vgg.data.loaders` with
 ``augment.backend`` dali or torch, same spec and shards, on the CPU with the same
 number of threads; images/s of the training loader and of the three evaluation
-loaders (centre crop, dense, multi-crop) at Q = single_test_scale(S).
+loaders (centre crop, dense, multi-crop) at Q = single_test_scale(S). The torch
+backend runs once per ``--decoders`` entry (`vgg.data.decoding`: TorchCodec, the
+default, or torchvision's deprecated decoder it replaces), interleaved in this process.
 
 Baselines (``--tv-decode``, training only): the paper's training augmentation
 (isotropic rescale to a per-image S ~ U[Smin, Smax], one random crop, random flip,
@@ -15,6 +17,8 @@ value skips them.
     tar xzf /work/shared/data/cifar10-jpeg.tar.gz -C /tmp
     python benchmarks/bench_augment.py --data /tmp/cifar10 --limit 5000
     python benchmarks/bench_augment.py --data /tmp/cifar10 --limit 2000 --tv-decode --backend both
+    python benchmarks/bench_augment.py --data /tmp/cifar10 --limit 2000 --tv-decode --backend torch \
+        --decoders torchcodec torchvision --repeats 4
 
 Datasets: (a) CIFAR-10 JPEGs as they are, S in [32, 64], crop 32;
 (b) the same images upscaled to 224x224 and re-encoded, S in [256, 512], crop 224.
@@ -41,11 +45,11 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from torchvision.io import decode_jpeg
 from torchvision import transforms
 from torchvision.transforms import functional as TF
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from vgg.data import decoding  # noqa: E402
 from vgg.data.augmentation import AugmentSpec  # noqa: E402
 from vgg.data.loaders import build_eval_loader, build_train_loader  # noqa: E402
 from vgg.paper import single_test_scale  # noqa: E402
@@ -92,8 +96,9 @@ def fake_stats() -> dict:
 
 
 class TorchvisionTrainSet(Dataset):
-    """Same ops with torchvision; ``decode`` "tensor": torchvision.io.decode_jpeg and
-    tensor transforms, "pil": PIL decode, PIL transforms, then PILToTensor."""
+    """Same ops with torchvision's transforms; ``decode`` "tensor": TorchCodec's decode_jpeg
+    (`vgg.data.decoding`) and tensor transforms, "pil": PIL decode, PIL transforms, then
+    PILToTensor."""
 
     def __init__(self, parquet: Path, spec: AugmentSpec, scale: tuple[int, int], decode: str):
         t = pq.read_table(parquet, columns=["image", "label"])
@@ -115,7 +120,7 @@ class TorchvisionTrainSet(Dataset):
             img = Image.open(io.BytesIO(self.jpegs[i])).convert("RGB")
             img = TF.pil_to_tensor(self.flip(self.crop(resize(img))))  # (3, crop, crop) uint8
         else:
-            img = decode_jpeg(torch.frombuffer(bytearray(self.jpegs[i]), dtype=torch.uint8))
+            img = decoding.decode_jpeg(torch.frombuffer(bytearray(self.jpegs[i]), dtype=torch.uint8))
             img = self.flip(self.crop(resize(img)))
         shift = self.pca @ (torch.randn(3) * self.spec.color_noise_std)  # AlexNet PCA noise
         return img.float() - (self.mean - shift)[:, None, None], self.labels[i]
@@ -197,32 +202,38 @@ def bench_case(parquet, spec, scale, args, timed_batches: int) -> dict[str, list
 
 
 def bench_backends(parquet, spec, scale, args, timed_batches: int) -> dict:
-    """{(kind, backend): [(img/s, cpu-us/img)]}, interleaved repeats."""
+    """{(kind, backend): [(img/s, cpu-us/img)]}, interleaved repeats; the torch backend once
+    per decoder ("torch[torchvision]" for a decoder other than the default)."""
     backends = ["dali", "torch"] if args.backend == "both" else [args.backend]
+    runs = [(b, d) for b in backends for d in (args.decoders if b == "torch" else [None])]
     results: dict = {}
-    for _ in range(args.repeats):
+    for r in range(args.repeats):
         for kind in KINDS:
             n = timed_batches if kind == "train" else max(2, timed_batches // 2)
-            for b in backends:
+            for b, d in (runs if r % 2 == 0 else runs[::-1]):  # ABBA order
+                decoding.use(d)
                 make = functools.partial(backend_batches, parquet,
                                          dataclasses.replace(spec, backend=b), scale, kind,
                                          args.batch, args.eval_batch)
-                results.setdefault((kind, b), []).append(timed(make, n, args.warmup))
+                name = b if d in (None, "torchcodec") or len(args.decoders) == 1 else f"{b}[{d}]"
+                results.setdefault((kind, name), []).append(timed(make, n, args.warmup))
+    decoding.use(None)
     return results
 
 
 def report_backends(name: str, title: str, results: dict) -> None:
     backends = sorted({b for _, b in results})
     print(f"({name}) {title}: loaders by backend, CPU, images/s (median) and CPU us/image")
-    print("    " + f"{'kind':10s}" + "".join(f"{b + ' img/s':>14s}{'cpu-us/img':>12s}"
+    print("    " + f"{'kind':10s}" + "".join(f"{b + ' img/s':>{max(14, len(b) + 8)}s}{'cpu-us/img':>12s}"
                                          for b in backends)
-          + ("   dali/torch" if len(backends) == 2 else ""))
+          + (f"   {backends[0]}/{backends[1]}" if len(backends) == 2 else ""))
     for kind in KINDS:
         med = {b: (float(np.median([r[0] for r in results[(kind, b)]])),
                    float(np.median([r[1] for r in results[(kind, b)]]))) for b in backends}
-        line = f"    {kind:10s}" + "".join(f"{med[b][0]:14.0f}{med[b][1]:12.0f}" for b in backends)
+        line = f"    {kind:10s}" + "".join(f"{med[b][0]:{max(14, len(b) + 8)}.0f}{med[b][1]:12.0f}"
+                                             for b in backends)
         if len(backends) == 2:
-            line += f"   {med['dali'][0] / med['torch'][0]:8.2f}x"
+            line += f"   {med[backends[0]][0] / med[backends[1]][0]:8.2f}x"
         print(line)
 
 
@@ -253,11 +264,14 @@ def main() -> None:
     ap.add_argument("--prefetch", type=int, default=2, help="DALI prefetch_queue_depth")
     ap.add_argument("--only", choices=["a", "b"], default=None)
     ap.add_argument("--tv-decode", nargs="*", choices=["pil", "tensor"], default=["pil", "tensor"],
-                    help="torchvision baselines: PIL images, or decode_jpeg + tensor transforms "
+                    help="torchvision baselines: PIL images, or TorchCodec's decode_jpeg + tensor transforms "
                          "(none given: no baselines)")
     ap.add_argument("--backend", choices=["dali", "torch", "both", "none"], default="both",
                     help="loaders' backends to time side by side (train, center, dense, "
                          "multicrop); none: only DALI vs the torchvision baselines")
+    ap.add_argument("--decoders", nargs="+", choices=["torchcodec", "torchvision"], default=["torchcodec"],
+                    help="the torch backend's JPEG decoders, timed in interleaved runs (torchvision: the "
+                         "deprecated decoder TorchCodec replaces)")
     ap.add_argument("--eval-batch", type=int, default=16,
                     help="evaluation batch (multi-crop: 50 crops per image)")
     args = ap.parse_args()
@@ -278,6 +292,7 @@ def main() -> None:
             if args.backend != "none":
                 report_backends(name, title, bench_backends(parquet, spec, scale, args,
                                                             args.batches[i]))
+                print(f"    load average now {' '.join(f'{x:.1f}' for x in psutil.getloadavg())}")
             if args.tv_decode:
                 report(name, title, bench_case(parquet, spec, scale, args, args.batches[i]))
 

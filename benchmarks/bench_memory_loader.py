@@ -5,9 +5,14 @@ images/s the augmentation alone allows) and one pass of each evaluation mode.
     tar xzf /work/shared/data/imagenette-128.tar.gz -C /tmp
     python benchmarks/bench_memory_loader.py --data /tmp/imagenette-128      # CUDA if present
     python benchmarks/bench_memory_loader.py --device cpu --threads 2         # generated images
+    python benchmarks/bench_memory_loader.py --data /tmp/imagenette-128 --device cpu \
+        --decoders torchcodec torchvision --rounds 4 --decode-only               # decoders compared
 
 Without --data, --generate N images (short side 128 px, long side 128-192 px, 10 classes)
-are written to a temporary folder. Imports PyTorch, torchvision, numpy and PIL only.
+are written to a temporary folder. ``--decoders``: the stores are built with each
+(`vgg.data.decoding`: TorchCodec, or torchvision's deprecated decoder it replaces) in
+alternating rounds (ABBA order), in this process, so both see the same machine load.
+Imports PyTorch, TorchCodec, numpy and PIL only (torchvision for its decoder).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from vgg.data import decoding  # noqa: E402
 from vgg.data.augmentation import AugmentSpec  # noqa: E402
 from vgg.data.memory import MemoryEvalLoader, MemoryTrainLoader, folder_stores, rgb_stats  # noqa: E402
 from vgg.paper import jitter_at, single_test_scale  # noqa: E402
@@ -73,6 +79,10 @@ def main() -> None:
                     "jitter range translated to the crop, [128, 256] at crop 112)")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
+    ap.add_argument("--decoders", nargs="+", choices=["torchcodec", "torchvision"], default=["torchcodec"],
+                    help="decoders to build the stores with, in alternating rounds (the last one's stores are used)")
+    ap.add_argument("--rounds", type=int, default=1, help="store builds per decoder (interleaved)")
+    ap.add_argument("--decode-only", action="store_true", help="stop after building the stores")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -88,16 +98,29 @@ def main() -> None:
             root = str(Path(tmp) / "gen")
             generate(Path(root), args.generate)
             print(f"data: {args.generate} generated JPEGs, shorter side 128 px")
-        t0, c0 = time.perf_counter(), time.process_time()
-        classes, train, val = folder_stores(root, device)
-        sync(device)
-        dt = time.perf_counter() - t0
-        n = len(train) + len(val)
-        print(f"decode: {len(train)} train + {len(val)} val images of {len(classes)} classes in "
-              f"{dt:.1f} s ({n / dt:.0f} images/s, {n / (time.process_time() - c0):.0f} per CPU-second; "
-              f"listing and file reads included); store "
-              f"{train.nbytes + val.nbytes:,} bytes ({train.num_pixels + val.num_pixels:,} pixels x 3) "
-              f"on {device}")
+        rates: dict[str, list] = {d: [] for d in args.decoders}
+        for r in range(args.rounds):
+            for dec in (args.decoders if r % 2 == 0 else args.decoders[::-1]):
+                decoding.use(dec)
+                train = val = None
+                t0, c0, load = time.perf_counter(), time.process_time(), os.getloadavg()[0]
+                classes, train, val = folder_stores(root, device)
+                sync(device)
+                dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+                n = len(train) + len(val)
+                rates[dec].append((n / dt, n / cpu))
+                print(f"decode ({decoding.backend()}): {len(train)} train + {len(val)} val images of "
+                      f"{len(classes)} classes in {dt:.1f} s ({n / dt:.0f} images/s, {n / cpu:.0f} per "
+                      f"CPU-second; listing and file reads included; load average {load:.1f}); store "
+                      f"{train.nbytes + val.nbytes:,} bytes ({train.num_pixels + val.num_pixels:,} "
+                      f"pixels x 3) on {device}")
+        decoding.use(None)
+        for dec, v in rates.items():
+            print(f"DECODE {dec}: {np.median([x for x, _ in v]):.0f} images/s, "
+                  f"{np.median([c for _, c in v]):.0f} per CPU-second (medians of {len(v)} rounds: "
+                  f"{', '.join(f'{x:.0f}' for x, _ in v)})")
+    if args.decode_only:
+        return
 
     t0 = time.perf_counter()
     stats = rgb_stats(train)
@@ -119,7 +142,8 @@ def main() -> None:
         cpu = time.process_time() - c0
         print(f"  epoch {e}: {k} images, {rates[-1]:.0f} images/s ({cpu:.1f} CPU-s of this "
               f"process: {k / cpu:.0f} images per CPU-second)")
-    print(f"TRAIN {max(rates):.0f} images/s (best epoch) on {machine(device, args.threads)}")
+    if rates:
+        print(f"TRAIN {max(rates):.0f} images/s (best epoch) on {machine(device, args.threads)}")
 
     q = single_test_scale(scale, args.crop)
     for mode in ("center", "dense", "multicrop"):

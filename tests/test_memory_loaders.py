@@ -112,6 +112,84 @@ def test_undecodable_file_is_named(tmp_path):
         ImageStore.from_files([str(bad)], [0], ["bad.jpg"])
 
 
+def _corner_marked(h, w) -> np.ndarray:
+    """Grey image with a red block in its top-left corner (an orientation shows)."""
+    a = np.full((h, w, 3), 128, np.uint8)
+    a[:h // 3, :w // 3] = (255, 0, 0)
+    return a
+
+
+def test_exif_rotated_jpeg_is_upright_in_the_store_and_the_shard_stages_output(tmp_path):
+    """A photo saved sideways with EXIF orientation 6 (rotate 90 degrees clockwise to view):
+    the ladder's store and the shard stage (`pipeline.sharding.normalise_image`, whose JPEG
+    the torch loaders decode) both hold it upright, with the same pixels up to the shard
+    stage's JPEG re-encoding."""
+    pytest.importorskip("pyarrow")
+    from pipeline.sharding import normalise_image
+    from vgg.data.decoding import decode_jpeg
+
+    upright = _corner_marked(48, 32)  # portrait, red block top-left
+    stored = np.rot90(upright, 1).copy()  # as the camera stored it: landscape
+    im = Image.fromarray(stored)
+    exif = im.getexif()
+    exif[0x0112] = 6
+    path = tmp_path / "photo.jpg"
+    im.save(path, "JPEG", quality=95, exif=exif.tobytes())
+
+    problems = []
+    store = ImageStore.from_files([str(path)], [0], ["train/a/photo.jpg"], problems=problems)
+    assert (int(store.h_np[0]), int(store.w_np[0])) == (48, 32)
+    got = store.image(0).numpy().astype(int)
+    assert np.abs(got - upright).mean() < 3 and got[2, 2, 0] > 200 and got[-3, -3, 0] < 160
+    assert problems == [("train/a/photo.jpg", "converted", "converted from JPEG RGB EXIF orientation 6")]
+
+    data, rgb, note = normalise_image(path.read_bytes(), 95)
+    assert note == "converted from JPEG RGB EXIF orientation 6" and rgb.shape == (48, 32, 3)
+    sharded = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8)).permute(1, 2, 0)
+    assert np.array_equal(sharded.numpy(), rgb)  # what the torch loaders decode from the shard
+    assert np.abs(sharded.numpy().astype(int) - got).mean() < 2
+
+
+def test_bad_files_are_skipped_and_odd_ones_converted_when_asked(tmp_path):
+    """problems=[]: undecodable and empty files are left out and listed with the shard
+    stage's reasons, grey/PNG files converted and listed; the rest is as without them."""
+    rng = np.random.default_rng(4)
+    for split in ("train", "val"):
+        write_images(tmp_path, split, "a", [_image(rng, 20, 24) for _ in range(3)])
+    write_images(tmp_path, "train", "b", [_image(rng, 22, 18), _image(rng, 16, 16, gray=True)])
+    (tmp_path / "train" / "b" / "empty.jpg").write_bytes(b"")
+    (tmp_path / "train" / "b" / "junk.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    good = (tmp_path / "train" / "a" / "000.jpg").read_bytes()
+    (tmp_path / "train" / "b" / "cut.jpg").write_bytes(good[:len(good) // 2])  # header reads
+    _image(rng, 10, 14).save(tmp_path / "val" / "a" / "x.png")
+    (tmp_path / "val" / "stray.jpg").write_bytes(good)  # outside a class folder
+    (tmp_path / "val" / "b").mkdir()
+    (tmp_path / "val" / "b" / "0.jpg").write_bytes(good)
+
+    with pytest.raises(ValueError, match=r"cut\.jpg|empty\.jpg|junk\.jpg"):
+        folder_stores(str(tmp_path), "cpu", batch=2)
+    problems = []
+    classes, train, val = folder_stores(str(tmp_path), "cpu", batch=2, problems=problems)
+    assert classes == ["a", "b"]
+    assert train.keys == ["train/a/000.jpg", "train/a/001.jpg", "train/a/002.jpg",
+                          "train/b/000.jpg", "train/b/001.jpg"]
+    assert val.keys == ["val/a/000.jpg", "val/a/001.jpg", "val/a/002.jpg", "val/a/x.png", "val/b/0.jpg"]
+    assert train.labels.tolist() == [0, 0, 0, 1, 1]
+    for st in (train, val):
+        for i, key in enumerate(st.keys):
+            assert np.array_equal(st.image(i).numpy(), _pil(tmp_path / key)), key
+    by_key = {k: (action, reason) for k, action, reason in problems}
+    assert by_key.pop("train/b/empty.jpg") == ("skipped", "empty file")
+    assert by_key.pop("train/b/001.jpg") == ("converted", "converted from JPEG L")
+    assert by_key.pop("val/a/x.png") == ("converted", "converted from PNG RGB")
+    assert by_key.pop("val/stray.jpg") == ("skipped", "file is not in a class folder")
+    action, reason = by_key.pop("train/b/junk.jpg")
+    assert action == "skipped" and reason.startswith("not a decodable image: ")
+    action, reason = by_key.pop("train/b/cut.jpg")  # fails in the decoder, not the header
+    assert action == "skipped" and "not a decodable image" in reason
+    assert by_key == {}
+
+
 # ---------------------------------------------------------------- sampler
 
 

@@ -18,11 +18,7 @@ import pytest
 import torch
 
 from test_augment import CROP, shard, spec, table  # noqa: F401 - shared shards + spec fixtures
-from vgg.data import loaders
-
-# torchvision 0.29 deprecates decode_jpeg in favour of TorchCodec (one warning per image)
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:The image decoding and encoding capabilities of TorchVision:DeprecationWarning")
+from vgg.data import decoding, loaders
 
 SCALE = (32, 56)  # jittered S: downscales the large images, upscales the small ones
 Q = 40
@@ -190,9 +186,25 @@ def test_stage_diagnostics(shard, specs):
     assert set(rates) == {"train", "center", "dense", "multicrop"}
 
 
+@pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities of TorchVision")
+def test_decoder_pixels_equal_torchvisions(shard):
+    """The backend's decoder (TorchCodec) gives the pixels of the one it replaces
+    (torchvision's decode_jpeg) on every test JPEG of both splits."""
+    blobs = [torch.frombuffer(bytearray(b), dtype=torch.uint8)
+             for split in ("train", "val") for b in table(shard, split).column("image").to_pylist()]
+    assert decoding.backend().startswith("TorchCodec")
+    new = decoding.decode_jpegs(blobs, torch.device("cpu"))
+    decoding.use("torchvision")
+    try:
+        old = [decoding.decode_jpeg(b) for b in blobs]
+    finally:
+        decoding.use(None)
+    assert len(blobs) == 38 and all(torch.equal(o, n) for o, n in zip(old, new))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (batched GPU decoding)")
 def test_gpu_matches_cpu(shard, specs):
-    """device_id=int: decode_jpeg(list, device='cuda') and the ops on the GPU ~ the CPU result."""
+    """device_id=int: nvJPEG (decoding.decode_jpegs on the GPU) and the ops there ~ the CPU result."""
     gpu_spec = dataclasses.replace(specs["torch"], device="gpu")
     gpu = loaders.build_train_loader(shard, gpu_spec, SCALE, 8, seed=4, device_id=0, debug=True)
     cpu = loaders.build_train_loader(shard, specs["torch"], SCALE, 8, seed=4, debug=True)
@@ -225,7 +237,7 @@ def test_runs_without_dali_ray_mlflow(shard, specs):
     ray, mlflow or the workflow raises ImportError."""
     code = BLOCKED + textwrap.dedent(f"""
         import dataclasses, json
-        from vgg.data import loaders
+        from vgg.data import decoding, loaders
         from vgg.data.augmentation import AugmentSpec
         spec = AugmentSpec.from_dict(json.loads({json.dumps(specs["torch"].to_dict())!r}))
         shard = {str(shard)!r}

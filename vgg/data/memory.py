@@ -4,8 +4,8 @@ training step rate is the model's, not the decoder's.
 
 - `ImageStore`: the decoded images of one split on a device, ragged (no padding): one flat
   uint8 buffer of all pixels (HWC interleaved, image after image) with per-image offsets,
-  heights and widths; labels and keys. Decoded with torchvision (`decode_jpeg`, batched
-  with nvjpeg when the device is a GPU).
+  heights and widths; labels and keys. Decoded with TorchCodec (`vgg.data.decoding`:
+  nvJPEG batched on a GPU, libjpeg-turbo on the CPU; EXIF orientation applied).
 - `sample_windows`: a batched bilinear sampler of arbitrary per-image source coordinates
   (gathers from the flat buffer; no per-image Python loop). A window of the image rescaled
   from (h, w) to (rh, rw) samples the source at (y0 + i + 0.5) * h / rh - 0.5, clamped at
@@ -18,19 +18,19 @@ training step rate is the model's, not the decoder's.
 
 One difference from DALI: the resize is plain bilinear, not antialiased, so a rescale that
 shrinks the image (S below its shorter side) aliases where DALI's filter would widen.
-Imports torch, torchvision, numpy, PIL and PyTorch-only `vgg` modules (no pyarrow/DALI).
+Imports torch, TorchCodec (or torchvision's decoder), numpy, PIL and PyTorch-only `vgg` modules (no pyarrow/DALI).
 """
 
 from __future__ import annotations
 
 import io
-import warnings
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
+from vgg.data import decoding
 from vgg.data.augmentation import AugmentSpec, resized_hw, train_params
 from vgg.data.folders import list_image_folder, subsample
 from vgg.data.sampling import (center_batches, check_eval_loader, check_int, dense_batches, share_bounds, share_rows,
@@ -94,15 +94,23 @@ class ImageStore:
     @classmethod
     def from_files(cls, paths: Sequence[str], labels: Sequence[int], keys: Sequence[str],
                    device: str | torch.device = "cpu", batch: int = 256,
-                   progress: Callable[[int], None] | None = None) -> "ImageStore":
-        """Decode image files into a store on ``device`` (RGB; grey and CMYK converted).
+                   progress: Callable[[int], None] | None = None,
+                   problems: list[tuple[str, str, str]] | None = None) -> "ImageStore":
+        """Decode image files into a store on ``device``: 8-bit RGB, EXIF orientation applied.
 
-        JPEGs go through ``torchvision.io.decode_jpeg``, ``batch`` files per call (on a
-        CUDA device: nvjpeg, batched on the GPU; a batch it refuses is decoded on the CPU);
-        other formats through ``torchvision.io.decode_image`` on the CPU. The sizes are read
-        from the file headers first (PIL), so the buffer is allocated once: peak memory is
-        the store plus one batch. EXIF orientation is not applied (nvjpeg cannot).
-        ``progress(done)`` is called after each batch. ValueError names an undecodable file.
+        JPEGs (RGB, grey, CMYK) go through `vgg.data.decoding` (TorchCodec): on a CUDA
+        device nvJPEG, ``batch`` files per call (a batch it refuses is decoded on the CPU);
+        on the CPU libjpeg-turbo. Other formats (PNG, ...) through PIL and the shard stage's
+        conversion (`decoding.to_8bit_rgb`). The sizes are read from the file headers first
+        (PIL), so the buffer is allocated once: peak memory is the store plus one batch.
+        ``progress(done)`` is called after each batch.
+
+        A file that does not decode (empty, truncated, not an image): ValueError naming it;
+        or, with ``problems`` a list, it is left out and ``(key, "skipped", reason)``
+        appended. With ``problems``, a file the shard stage would convert (not an RGB JPEG,
+        or EXIF-rotated) adds ``(key, "converted", reason)``; the reasons are the shard
+        stage's (its skipped.csv / converted.csv), the pixels its conversion's without the
+        JPEG re-encoding.
         """
         check_int("batch", batch, 1)
         device = torch.device(device)
@@ -111,73 +119,123 @@ class ImageStore:
         n = len(paths)
         if len(labels) != n or len(keys) != n:
             raise ValueError("paths, labels and keys must have the same length")
-        data, hw = [], np.zeros((n, 2), np.int64)
+
+        def bad(i: int, reason: str) -> None:
+            if problems is None:
+                raise ValueError(f"{paths[i]}: {reason}")
+            problems.append((keys[i], "skipped", reason))
+
+        rows, data, hw, jpeg = [], [], [], []  # of the files whose header reads
         for i, p in enumerate(paths):
-            with open(p, "rb") as f:
-                b = f.read()
             try:
-                w, h = Image.open(io.BytesIO(b)).size
-            except Exception as e:  # PIL raises many types for bad data
-                raise ValueError(f"{p}: not a decodable image: {type(e).__name__}: {e}") from None
-            data.append(torch.frombuffer(bytearray(b), dtype=torch.uint8) if b else torch.zeros(0, dtype=torch.uint8))
-            hw[i] = h, w
-        sizes = hw[:, 0] * hw[:, 1] * 3
-        ends = np.cumsum(sizes)
-        pixels = torch.empty(int(ends[-1]) if n else 0, dtype=torch.uint8, device=device)
-        for lo in range(0, n, batch):
-            hi = min(n, lo + batch)
-            for i, img in zip(range(lo, hi), _decode(data[lo:hi], paths[lo:hi], device)):
-                if tuple(img.shape) != (3, hw[i, 0], hw[i, 1]):
-                    raise ValueError(f"{paths[i]}: decoded to {tuple(img.shape)}, header says "
-                                     f"{hw[i, 0]}x{hw[i, 1]} RGB")
-                pixels[int(ends[i] - sizes[i]):int(ends[i])].view(int(hw[i, 0]), int(hw[i, 1]), 3) \
-                    .copy_(img.permute(1, 2, 0))
-            for j in range(lo, hi):
+                with open(p, "rb") as f:
+                    b = f.read()
+                h, w, is_jpeg, note = _probe(b)
+            except (OSError, ValueError) as e:
+                bad(i, str(e))
+                continue
+            if note and problems is not None:
+                problems.append((keys[i], "converted", note))
+            rows.append(i)
+            data.append(torch.frombuffer(bytearray(b), dtype=torch.uint8))
+            hw.append((h, w))
+            jpeg.append(is_jpeg)
+        hw = np.asarray(hw, np.int64).reshape(-1, 2)
+        pixels = torch.empty(int((hw[:, 0] * hw[:, 1]).sum()) * 3, dtype=torch.uint8, device=device)
+        kept, pos = [], 0
+        for lo in range(0, len(rows), batch):
+            hi = min(len(rows), lo + batch)
+            for j, img in zip(range(lo, hi), _decode(data[lo:hi], jpeg[lo:hi], device)):
+                h, w = hw[j]
+                if isinstance(img, torch.Tensor) and tuple(img.shape) != (3, h, w):
+                    img = f"decoded to {tuple(img.shape)}, its header says {h}x{w} RGB"
+                if isinstance(img, str):
+                    bad(rows[j], img)
+                    continue
+                pixels[pos:pos + h * w * 3].view(int(h), int(w), 3).copy_(img.permute(1, 2, 0))
+                pos += h * w * 3
+                kept.append(j)
                 data[j] = None  # the encoded bytes are no longer needed
             if progress is not None:
-                progress(hi)
-        return cls(pixels, hw[:, 0], hw[:, 1], labels, keys)
+                progress(rows[hi - 1] + 1 if hi < len(rows) else n)
+        if not rows and progress is not None:
+            progress(n)
+        return cls(pixels[:pos], hw[kept, 0], hw[kept, 1], [labels[rows[j]] for j in kept],
+                   [keys[rows[j]] for j in kept])
 
 
-def _decode(data: list[torch.Tensor], paths: Sequence[str], device: torch.device) -> list[torch.Tensor]:
-    """(3, h, w) uint8 RGB images on ``device`` (see ImageStore.from_files)."""
-    import torchvision.io as tio
+def _probe(b: bytes) -> tuple[int, int, bool, str]:
+    """From the header (PIL): (h, w) once upright, whether it is a JPEG, and the shard
+    stage's conversion note ("" for an RGB JPEG without rotation). ValueError: not an image."""
+    if not b:
+        raise ValueError("empty file")
+    try:
+        with Image.open(io.BytesIO(b)) as im:
+            fmt, mode = im.format, im.mode
+            h, w = decoding.upright_hw(im)
+            orientation = im.getexif().get(0x0112, 1) if fmt in ("JPEG", "MPO") else 1
+    except Exception as e:  # PIL raises many types for bad data
+        raise ValueError(f"not a decodable image: {type(e).__name__}: {e}") from None
+    if fmt == "JPEG" and mode == "RGB" and orientation in (0, 1):
+        return h, w, True, ""
+    note = f"{fmt} {mode}" + (f" EXIF orientation {orientation}" if orientation not in (0, 1) else "")
+    return h, w, fmt in ("JPEG", "MPO"), f"converted from {note}"
 
-    rgb = tio.ImageReadMode.RGB
-    is_jpeg = [len(d) > 2 and int(d[0]) == 0xFF and int(d[1]) == 0xD8 for d in data]
-    with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders for TorchCodec
-        warnings.simplefilter("ignore")
-        if device.type == "cuda" and all(is_jpeg):
-            try:
-                return tio.decode_jpeg(list(data), mode=rgb, device=device)
-            except RuntimeError:
-                pass  # a file nvjpeg refuses: decode this batch on the CPU (and name a bad file)
-        out = []
-        for d, p, jpeg in zip(data, paths, is_jpeg):
-            try:
-                img = tio.decode_jpeg(d, mode=rgb) if jpeg else tio.decode_image(d, mode=rgb)
-            except RuntimeError as e:
-                raise ValueError(f"{p}: not a decodable image: {e}") from None
-            out.append(img.to(device))
-        return out
+
+def _decode(data: list[torch.Tensor], jpeg: list[bool], device: torch.device) -> list[torch.Tensor | str]:
+    """(3, h, w) uint8 RGB on ``device`` per file, or why it does not decode (see from_files)."""
+    out: list = [None] * len(data)
+    if device.type == "cuda":
+        idx = [i for i, j in enumerate(jpeg) if j]
+        try:
+            for i, img in zip(idx, decoding.decode_jpegs([data[i] for i in idx], device) if idx else []):
+                out[i] = img
+        except RuntimeError:
+            pass  # a file nvJPEG refuses: this batch's JPEGs on the CPU (names the bad one)
+    for i, (d, j) in enumerate(zip(data, jpeg)):
+        if out[i] is None:
+            out[i] = _decode_cpu(d, j)
+            if isinstance(out[i], torch.Tensor):
+                out[i] = out[i].to(device)
+    return out
+
+
+def _decode_cpu(data: torch.Tensor, jpeg: bool) -> torch.Tensor | str:
+    try:
+        if jpeg:
+            return decoding.decode_jpeg(data)
+        with Image.open(io.BytesIO(data.numpy().tobytes())) as im:
+            return torch.from_numpy(np.array(decoding.to_8bit_rgb(im))).permute(2, 0, 1)
+    except Exception as e:  # noqa: BLE001 - the decoders raise RuntimeError, PIL many types
+        return f"not a decodable image: {type(e).__name__}: {e}"
 
 
 def folder_stores(root: str, device: str | torch.device = "cpu", batch: int = 256,
                   progress: Callable[[str, int, int], None] | None = None,
-                  per_class: dict[str, int | None] | None = None, seed: int = 0
+                  per_class: dict[str, int | None] | None = None, seed: int = 0,
+                  problems: list[tuple[str, str, str]] | None = None
                   ) -> tuple[list[str], ImageStore, ImageStore]:
     """(classes, train store, val store) of an image folder `<root>/{train,val}/<class>/*`
     (`vgg.data.folders.list_image_folder`: rows sorted by key, labels = class index in
     sorted class order; at most per_class[split] images of each class, the shard stage's
-    seeded subset). ``progress(split, done, total)`` after each decoded batch."""
+    seeded subset). ``progress(split, done, total)`` after each decoded batch.
+
+    ``problems``: None, and a file that does not decode raises ValueError naming it; or a
+    list, and such files are left out: ``(key, "skipped" | "converted", reason)`` is
+    appended per file left out or converted (`ImageStore.from_files`), and per entry the
+    listing left out (files outside class folders, ...), as the shard stage's skipped.csv
+    and converted.csv list them.
+    """
     listing = subsample(list_image_folder(root), per_class or {}, seed)
+    if problems is not None:
+        problems.extend((k, "skipped", why) for k, why in listing.skipped)
     index = {c: i for i, c in enumerate(listing.classes)}
     stores = []
     for split in ("train", "val"):
         rows = listing.files[split]
         cb = None if progress is None else (lambda d, s=split, t=len(rows): progress(s, d, t))
         stores.append(ImageStore.from_files([p for _, p, _ in rows], [index[c] for _, _, c in rows],
-                                            [k for k, _, _ in rows], device, batch, cb))
+                                            [k for k, _, _ in rows], device, batch, cb, problems))
     return listing.classes, stores[0], stores[1]
 
 

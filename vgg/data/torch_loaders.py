@@ -1,5 +1,5 @@
 """The torch backend of the loaders (`augment.backend: torch`): the paper's augmentation
-(Sec. 3.1-3.2) with torchvision and torch ops, wherever PyTorch runs (CPU, NVIDIA, AMD,
+(Sec. 3.1-3.2) with TorchCodec's decoder and torch ops, wherever PyTorch runs (CPU, NVIDIA, AMD,
 Apple). Imported only when used (`vgg.data.loaders.backend`).
 
 The same spec, per-sample parameters and batch plans as the DALI backend
@@ -11,15 +11,17 @@ A caller cannot tell the backends apart except by the pixels, which differ by th
 resize kernels (DALI's ROI-decoded linear resize vs torch's antialiased bilinear
 of the whole image; tests/test_torch_loaders.py states the measured difference).
 
-Per image: `torchvision.io.decode_jpeg` (RGB) -> isotropic rescale to (rh, rw) with
+Per image: `vgg.data.decoding.decode_jpeg` (TorchCodec, libjpeg-turbo; RGB, EXIF
+orientation applied, as the shard stage applies it) -> isotropic rescale to (rh, rw) with
 `F.interpolate(..., antialias=True)` -> crop (y0, x0, crop) -> flip -> x - (mean - shift),
 float32 (B, 3, crop, crop). The whole image is decoded and resized (no ROI decoding:
 that is DALI's advantage). On a GPU (device_id given) a batch is decoded at once with
-`decode_jpeg(list, device="cuda")` and the rest runs there; on the CPU the images of
-a batch are processed by a pool of `spec.num_threads` threads (torch ops release the
-GIL), `spec.prefetch` batches ahead of the consumer.
+nvJPEG (`decoding.decode_jpegs`) and the rest runs there; on the CPU the images of a
+batch are processed by a pool of `spec.num_threads` threads (torch ops and the decoder
+release the GIL), `spec.prefetch` batches ahead of the consumer.
 
-Imports: torch, torchvision, numpy and vgg.* only (never nvidia.dali, ray, mlflow).
+Imports: torch, TorchCodec (or torchvision's decoder), numpy and vgg.* only (never
+nvidia.dali, ray, mlflow).
 """
 
 from __future__ import annotations
@@ -33,19 +35,14 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.io import ImageReadMode, decode_jpeg
 
+from vgg.data import decoding
 from vgg.data.augmentation import AugmentSpec, resized_hw, train_params
 from vgg.data.sampling import (center_batches, check_eval_loader, check_int, dense_batches, share_bounds,
                                train_batches)
 from vgg.data.shards import RowFetcher, ShardIndex, read_sizes, shard_files
 from vgg.evaluation.scoring import grid_crops
 from vgg.paper import Scale, parse_scale
-
-# torchvision 0.29 deprecates its image decoders in favour of TorchCodec (a warning per
-# call); decode_jpeg still works and is what this backend uses. Only that warning is hidden.
-warnings.filterwarnings("ignore", category=DeprecationWarning,
-                        message="The image decoding and encoding capabilities of TorchVision")
 
 # spec.interp -> F.interpolate mode. torch has no Lanczos filter: "lanczos3" runs as
 # antialiased bicubic (the closest torch kernel; pixels differ slightly from DALI's).
@@ -144,7 +141,7 @@ class _Loader:
         data = [_as_tensor(j) for j in jpegs]
         if self.device.type == "cuda" and self._gpu_decode:
             try:
-                return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
+                return decoding.decode_jpegs(data, self.device)
             except Exception as exc:  # noqa: BLE001 - undecodable bytes or no GPU decoder
                 imgs = [self._decode_one(d, r) for d, r in zip(data, rows.tolist())]
                 self._gpu_decode = False
@@ -156,7 +153,7 @@ class _Loader:
 
     def _decode_one(self, data: torch.Tensor, row: int) -> torch.Tensor:
         try:
-            return decode_jpeg(data, mode=ImageReadMode.RGB)
+            return decoding.decode_jpeg(data)
         except Exception as exc:  # noqa: BLE001 - undecodable bytes: say where they are
             f, r = self.fetcher.index.locate(row)
             raise RuntimeError(f"augment: undecodable sample: shard file {f} row {r}: "
