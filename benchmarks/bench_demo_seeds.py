@@ -3,6 +3,11 @@ still hard enough to order nets? (Issue 26: whether D collapsed depended on the 
 
     python benchmarks/bench_demo_seeds.py            # seeds 1 and 2
     python benchmarks/bench_demo_seeds.py --seeds 3 4 5
+    python benchmarks/bench_demo_seeds.py --seeds 0 1 2 --fp32   # bf16 (auto) against float32 NCHW
+
+With --fp32 every seed also runs with train/evaluate bf16 and channels_last false, and each
+net's multi-crop@single error is compared between the two runs on the same validation
+images: the paired bootstrap interval of (bf16 - fp32) error (`vgg.results.metrics`).
 
 Runs `pipeline/run.py` on configs/demo.yaml once per seed, in fresh work_dirs, with the
 data, shard and training seeds all set to it; prints, per net, the selected epoch's
@@ -20,19 +25,25 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def one(seed: int, work: Path) -> dict:
+FP32 = ["train.bf16=false", "train.channels_last=false", "evaluate.bf16=false", "evaluate.channels_last=false"]
+COMPARED = "multi-crop@single"
+
+
+def one(seed: int, work: Path, extra: list[str] = ()) -> dict:
     cmd = [sys.executable, str(ROOT / "pipeline" / "run.py"), "--set", f"work_dir={work}",
-           f"data.demo.seed={seed}", f"shard.seed={seed}", f"train.seed={seed}"]
+           f"data.demo.seed={seed}", f"shard.seed={seed}", f"train.seed={seed}", *extra]
     t0 = time.monotonic()
     done = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.monotonic() - t0
     if done.returncode != 0:
         raise SystemExit(f"seed {seed}: exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    out = {"seed": seed, "wall_s": round(wall, 1), "nets": {}}
+    out = {"seed": seed, "wall_s": round(wall, 1), "nets": {}, "work": work}
     stages = work / "stages"
     for ev in sorted((stages / "evaluate").glob("*/*/rows.json")):
         net = ev.parent.parent.name
@@ -51,12 +62,39 @@ def one(seed: int, work: Path) -> dict:
     return out
 
 
+def paired(bf16_work: Path, fp32_work: Path, net: str) -> tuple[float, float, float, float]:
+    """(bf16 error, fp32 error, 95% paired-bootstrap interval of their difference), % top-1,
+    of a net's COMPARED mode in two runs on the same images."""
+    from vgg.results.metrics import bootstrap_errors, interval, read_posteriors
+    from vgg.storage import resolve_uri
+
+    hits = {}
+    for name, work in (("bf16", bf16_work), ("fp32", fp32_work)):
+        path = next((work / "stages" / "evaluate" / net).glob(f"*/posteriors/{COMPARED}.*"))
+        post = read_posteriors(*resolve_uri(str(path)))
+        order = np.argsort(post.keys)
+        hits[name] = post.probs.argmax(1)[order] == post.labels[order]
+    reps = bootstrap_errors(hits, samples=2000, seed=0)
+    lo, hi = interval(100 * (reps["bf16"] - reps["fp32"]))
+    return 100 * (1 - hits["bf16"].mean()), 100 * (1 - hits["fp32"].mean()), lo, hi
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--fp32", action="store_true", help="also run each seed in float32 NCHW and compare")
     args = p.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench_demo_seeds_"))
     results = [one(s, tmp / f"seed{s}") for s in args.seeds]
+    if args.fp32:
+        fp32 = [one(s, tmp / f"seed{s}-fp32", FP32) for s in args.seeds]
+        print(f"{COMPARED} top-1 error, bf16 (auto) vs float32 NCHW, 95% paired-bootstrap interval of the difference:")
+        for r, f in zip(results, fp32):
+            print(f"seed {r['seed']}: {r['wall_s']} s (auto) vs {f['wall_s']} s (fp32)")
+            for net in r["nets"]:
+                b, q, lo, hi = paired(r["work"], f["work"], net)
+                print(f"  {net:6} bf16 {b:5.1f}%  fp32 {q:5.1f}%  difference [{lo:+.1f}, {hi:+.1f}]"
+                      f"  collapsed: {r['nets'][net]['eval_collapsed']} / {f['nets'][net]['eval_collapsed']}")
     for r in results:
         print(f"seed {r['seed']}: {r['wall_s']} s")
         for net, v in r["nets"].items():

@@ -215,3 +215,35 @@ def test_bad_arguments_stop_before_any_training_in_one_line(tmp_path, args, says
     rc, err = _ladder(tmp_path, *args)
     lines = [line for line in err.splitlines() if line.strip()]
     assert rc == 2 and lines == [f"error: {says.format(tmp=tmp_path)}"], err[-2000:]
+
+
+def test_imagenette_cpu_is_one_plan_through_both_entry_points(tmp_path):
+    """configs/imagenette_cpu.yaml: the workflow's DAG (pipeline/run.py) and the ladder
+    (python -m vgg.ladder) read the same nets, inits, evaluations and fusion from it; its net
+    A runs through the ladder at toy size (one epoch, width 1/8, crop 32)."""
+    from pipeline.config import load_config
+    from pipeline.dag import build_dag
+    from vgg.config import load_experiment
+    from vgg.ladder import check_plan, plan_order
+
+    path = ROOT / "configs" / "imagenette_cpu.yaml"
+    workflow, alone = load_config(path, ["data.root=/data/x"]), load_experiment(path, ["data.root=/data/x"])
+    check_plan(alone)
+    dag = build_dag(workflow)
+    trains = {s.id.split("/", 1)[1]: s for s in dag.values() if s.kind == "train"}
+    order = plan_order(alone.train.nets)
+    assert list(trains) == order  # the same dependency order: A first, D before D-jit
+    for name, stage in trains.items():
+        assert stage.section.net == alone.train.nets[name]
+        assert stage.wiring.get("init") == alone.train.nets[name].init_source
+    assert {s.id for s in dag.values() if s.kind == "evaluate"} == {f"evaluate/{n}" for n in order}
+    assert dag["fuse"].section.members == alone.fuse.members
+    _folder(tmp_path / "data", classes=2, train=4, val=2)
+    cmd = [sys.executable, "-m", "vgg.ladder", str(path), "--data", str(tmp_path / "data"), "--out",
+           str(tmp_path / "out"), "--device", "cpu", "--set", "augment.crop=32", "train.width=0.125",
+           "train.batch_size=8", "evaluate.grid=1", "evaluate.batch_size=8", "report.bootstrap_samples=50",
+           "fuse.members=[]", "train.nets={A: {arch: A, scale: 37, epochs: 1, init: glorot}}"]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    meta = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert list(meta["nets"]) == ["A"] and meta["nets"]["A"]["epochs"] == 1

@@ -42,7 +42,6 @@ import hashlib
 import io
 import json
 import os
-import posixpath
 import shutil
 import sys
 import tempfile
@@ -288,6 +287,9 @@ def run_ladder(cfg: ExperimentConfig, data_root: str, out_dir: str, device: torc
             + (f", MFU {entry['mfu']:.1%}" if entry["mfu"] else "")
             + (f"; evaluated in {entry['evaluate_seconds']:.1f} s" if entry.get("evaluate_seconds") else "")
             + f"; ladder ETA {clock.eta()}")
+    ckpt_root = os.path.join(out_dir, CHECKPOINTS_DIR)
+    if os.path.isdir(ckpt_root) and not os.listdir(ckpt_root):
+        os.rmdir(ckpt_root)
     fusion = None
     if cfg.fuse.members:
         f = fuse(list(cfg.fuse.members), evaluations)
@@ -495,8 +497,7 @@ def _evaluate(cfg: ExperimentConfig, name: str, plan: NetPlan, net: VGG, classes
     modes = combine_modes(gather([res], classes), q_single, q_multi)
     rows = eval_rows(modes, name, plan, qs)
     best = min(rows, key=lambda r: r.top1)
-    written = write_evaluation(out, modes, rows, health(modes[best.mode]))
-    return [posixpath.relpath(StageOutput.at(w).path if "://" in w else w, out.path) for w in written]
+    return write_evaluation(out, modes, rows, health(modes[best.mode]))  # names relative to `out`
 
 
 def _write_problems(out: StageOutput, problems: list[tuple[str, str, str]], say) -> None:
