@@ -266,7 +266,8 @@ def run_ladder(cfg: ExperimentConfig, data_root: str, out_dir: str, device: torc
         entry = _train_entry(plan, net, history, marker, summary["device"], device)
         if name in evaluated:
             eout = StageOutput.at(os.path.join(out_dir, "evaluate", name))
-            ekey = key_of(to_dict(e), to_dict(cfg.augment), data_key, trained[name].sha256)
+            ekey = key_of({k: v for k, v in to_dict(e).items() if k != "nets"}, to_dict(cfg.augment), data_key,
+                          trained[name].sha256)
             emarker = reusable(eout, ekey, say, f"evaluate/{name}")
             if emarker is not None:
                 say(f"  evaluate/{name}: reused (posteriors verified)")
