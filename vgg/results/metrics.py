@@ -319,14 +319,18 @@ def prediction_stats(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """(5, K) float64 sums over images: per class its top-1 predictions, p, p^2, its
     images (true labels) and its images predicted as it (hits). Sums, so the shares of
     distributed workers add up (`health_of` turns them into a verdict)."""
-    probs, labels = np.asarray(probs, dtype=np.float64), np.asarray(labels, dtype=np.int64)
+    probs, labels = np.asarray(probs), np.asarray(labels, dtype=np.int64)
     if probs.ndim != 2 or labels.shape != (probs.shape[0],):
         raise ValueError(f"need probs (N, K) and labels (N,), got {probs.shape} and {labels.shape}")
     k = probs.shape[1]
     pred = probs.argmax(axis=1)
-    return np.stack([np.bincount(pred, minlength=k), probs.sum(axis=0), (probs * probs).sum(axis=0),
-                     np.bincount(labels, minlength=k), np.bincount(labels[pred == labels], minlength=k)]
-                    ).astype(np.float64)
+    p_sum, p_sq = np.zeros(k), np.zeros(k)
+    for s in range(0, len(probs), _CHUNK):  # float64 blocks bound the (rows, K) temporaries
+        block = probs[s:s + _CHUNK].astype(np.float64)
+        p_sum += block.sum(axis=0)
+        p_sq += (block * block).sum(axis=0)
+    return np.stack([np.bincount(pred, minlength=k), p_sum, p_sq, np.bincount(labels, minlength=k),
+                     np.bincount(labels[pred == labels], minlength=k)]).astype(np.float64)
 
 
 def unlearnt_classes(stats: np.ndarray) -> np.ndarray:
