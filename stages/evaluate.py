@@ -3,7 +3,8 @@ scales (Sec. 3.2), one Ray task per share of the validation split (`vgg.evaluati
 
 Output (`vgg.artifacts.Evaluation`): posteriors/<method>@<scales>.parquet, rows.json
 (one `EvalRow` per mode, for the report), health.json (the collapse check of the best
-mode); top-1/top-5 error per mode and per Q as metrics and tables, images/s per method.
+mode, and of every mode under "modes"); top-1/top-5 error per mode and per Q as metrics
+and tables, images/s per method.
 """
 
 from __future__ import annotations

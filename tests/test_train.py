@@ -230,21 +230,25 @@ def test_a_trains_two_epochs_on_two_workers(trained_a, data):
         assert r["val_top1_acc"] == pytest.approx(1 - r["val_top1_err"])
         assert r["val_health"]["num_classes"] == CLASSES
         assert r["val_health"]["classes_predicted"] <= CLASSES
+        assert r["val_health"]["top1_error"] == pytest.approx(r["val_top1_err"])  # both workers' hits
     assert result.tags["collapsed"] in ("true", "false")
     assert result.manifest["val_health"] == best["val_health"]
 
 
 def test_epoch_record_scores_accuracy_and_judges_collapse():
     k, n = 4, 8
-    probs = torch.full((n, k), 0.25, dtype=torch.float64)  # a constant output
+    probs = torch.full((n, k), 0.25, dtype=torch.float64)  # a constant output: class 0 for all
+    labels = torch.arange(n) % k
     val = torch.cat([torch.tensor([n, 2.0, 8.0], dtype=torch.float64),
                      torch.bincount(torch.zeros(n, dtype=torch.long), minlength=k).double(),
-                     probs.sum(0), (probs * probs).sum(0)])
+                     probs.sum(0), (probs * probs).sum(0),
+                     torch.bincount(labels, minlength=k).double(), torch.tensor([2.0, 0, 0, 0])])
     train = torch.tensor([4.0, n, 3.0, 8.0], dtype=torch.float64)
     rec = loop.epoch_record(0, 0.01, train, val, 1.0, 2.0, k)
     assert rec["val_top1_acc"] == 0.25 and rec["val_top1_err"] == 0.75
     assert rec["val_top5_err"] is None  # 4 classes: top-5 cannot miss
     assert rec["val_health"]["collapsed"] and rec["val_health"]["classes_predicted"] == 1
+    assert rec["val_health"]["top1_error"] == 0.75 and rec["val_health"]["unlearnt"] == [0, 1, 2, 3]
 
 
 def test_hits_count_non_finite_logits_as_misses():

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 from vgg.storage import StageOutput, exists, list_dir, read_bytes, write_bytes, write_json
 from vgg.data.augmentation import AugmentSpec
 from vgg.results.metrics import Health, Posteriors, read_posteriors, write_posteriors
+from vgg.results.metrics import health as metrics_health
 from vgg.results.tables import EvalRow, FusionRow
 
 if TYPE_CHECKING:  # torch: only where a net is loaded (vgg.training.checkpoints)
@@ -206,8 +207,16 @@ class Evaluation(Artifact):
     def rows(self) -> list[EvalRow]:
         return [EvalRow(**d) for d in self._json(ROWS_FILE, "re-run its evaluate stage")]
 
-    def health(self) -> Health | None:
-        return Health(**self.out.read_json(HEALTH_FILE)) if self.has(HEALTH_FILE) else None
+    def health(self, mode: str | None = None) -> Health | None:
+        """The collapse check (health.json) of the net's best mode, or of `mode`; None
+        where it was not recorded (health files before per-mode health hold the best only)."""
+        if not self.has(HEALTH_FILE):
+            return None
+        best = dict(self.out.read_json(HEALTH_FILE))
+        by_mode = best.pop("modes", {})
+        if mode is None:
+            return Health(**best)
+        return Health(**by_mode[mode]) if mode in by_mode else None
 
     def modes(self) -> list[str]:
         """Modes with a posteriors file."""
@@ -233,13 +242,16 @@ class Evaluation(Artifact):
 
 def write_evaluation(out: StageOutput, modes: Mapping[str, Posteriors], rows: Sequence[EvalRow],
                      health: Health) -> list[str]:
-    """Posteriors of every mode, rows.json and health.json; -> the file names."""
+    """Posteriors of every mode, rows.json and health.json; -> the file names. health.json
+    holds `health` (the best mode's) and, under "modes", the health of every mode (the one
+    function `vgg.results.metrics.health`, so the report's check in any mode agrees)."""
     files, ext = [], posteriors_format()
     for mode, post in modes.items():
         write_posteriors(post, out.fs, out.join(posteriors_file(mode, ext)))
         files.append(posteriors_file(mode, ext))
     write_json(out.fs, out.join(ROWS_FILE), [dataclasses.asdict(r) for r in rows])
-    write_json(out.fs, out.join(HEALTH_FILE), dataclasses.asdict(health))
+    write_json(out.fs, out.join(HEALTH_FILE), {**dataclasses.asdict(health), "modes": {
+        mode: dataclasses.asdict(metrics_health(post)) for mode, post in modes.items()}})
     return [ROWS_FILE, HEALTH_FILE, *files]
 
 

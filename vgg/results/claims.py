@@ -12,7 +12,7 @@ the same images). Verdicts:
 - claim 1 is a no-gain claim (A-LRN is no better than A): contradicted if A-LRN is
   significantly better (interval below 0), held otherwise ("no significant gain");
 - a claim with no comparison in this plan is "not testable", naming the nets it needs;
-- a comparison that involves a collapsed net (`vgg.results.metrics.health`), or that
+- a comparison that involves a net collapsed in the compared mode (`vgg.results.metrics.health`), or that
   rests on a distorted evaluation mode (`distorted_scales`), is "not testable" whatever
   its interval says (the difference is still shown): "not testable (collapsed: D)" tests
   nothing about depth, only that D did not train. The claim's summary names the nets to

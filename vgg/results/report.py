@@ -43,8 +43,8 @@ class ReportContent:
     markdown: str
     #: the judged claims (empty when the report was built without posteriors).
     claims: list[claims.ClaimRow] = dataclasses.field(default_factory=list)
-    #: nets whose predictions collapsed (evaluate's health.json, or the health of their
-    #: posteriors in the mode the claims compare them in)
+    #: nets whose predictions collapsed in the mode the claims compare them in (the health
+    #: of their posteriors there; evaluate's health.json for nets without them)
     collapsed: list[str] = dataclasses.field(default_factory=list)
     #: test scales ("single" / "multi") where dense evaluation is distorted -> the evidence
     #: (`claims.distorted_scales`)
@@ -114,7 +114,7 @@ def per_image_hits(readers: Mapping[str, Callable[[], Posteriors]],
         for k in meaningful_topk((1, 5), post.num_classes):
             hits.setdefault(k, {})[member] = topk_hits(post.probs, post.labels, k)
         if stats is not None:
-            stats[member] = prediction_stats(post.probs)
+            stats[member] = prediction_stats(post.probs, post.labels)
     return hits
 
 
@@ -146,7 +146,10 @@ def build_report(evaluations: Mapping[str, Evaluation], fusion: Fusion | None = 
         mode = claims.sound_mode(cfg.compare_mode, distorted)
         mode_health = {r.net: health_of(stats[r.member_id]) for r in rows
                        if r.mode == mode and r.member_id in stats}
-        collapsed = sorted(set(collapsed) | {n for n, h in mode_health.items() if h.collapsed})
+        # A net's collapse is judged in this mode (health.json records every mode's, by the
+        # same function); a net without posteriors in it keeps its recorded best-mode verdict.
+        collapsed = sorted({n for n, h in mode_health.items() if h.collapsed}
+                           | {n for n in collapsed if n not in mode_health})
         crop = crop_of(evaluations)
         why = f"dense distorted at crop {crop}" if crop else "dense distorted at these test scales"
         members = fusions[0].members if fusions else []
@@ -183,8 +186,9 @@ def _markdown(tables: dict[str, dict], judged: list[claims.ClaimRow], collapsed:
                 f"images ({cfg.bootstrap_samples} resamples, seed {cfg.seed})." if n else ""), ""]
     if collapsed:
         how = "; ".join(f"{n} in {mode}: {h.reason}" for n, h in mode_health.items() if n in collapsed and h.collapsed)
-        parts += [f"**Warning: collapsed nets** (they never or almost never predict some "
-                  f"classes, or give nearly the same posteriors for every image; their errors "
+        parts += [f"**Warning: collapsed nets** (their error is not clearly below chance, some "
+                  f"classes' images are recognised no more often than chance, or they give "
+                  f"nearly the same posteriors for every image; their errors "
                   f"say nothing about depth or scale, and every claim they take part in is not "
                   f"testable): {', '.join(collapsed)}" + (f" ({how})" if how else "")
                   + ". See their train and evaluate runs' `health` tag.", ""]

@@ -299,7 +299,7 @@ def train_one_epoch(net: nn.Module, loader, optimizer, steps: int, epoch: int, o
 def validate(net: nn.Module, loader, opts: FitOptions, comm: Comm = LOCAL,
              device: torch.device = torch.device("cpu")) -> torch.Tensor:
     """Centre-crop validation over this rank's share; all-reduced [images, top-1 hits,
-    top-5 hits, then the (3, K) `metrics.prediction_stats` sums, flattened] (for the
+    top-5 hits, then the (5, K) `metrics.prediction_stats` sums, flattened] (for the
     collapse check).
 
     Runs on the unwrapped net: ranks may see different numbers of batches, and DDP's
@@ -307,17 +307,19 @@ def validate(net: nn.Module, loader, opts: FitOptions, comm: Comm = LOCAL,
     """
     k, precision = opts.num_classes, opts.precision
     net.eval()
-    sums = torch.zeros(1 + len(TOPK) + 3 * k, dtype=torch.float64, device=device)
+    sums = torch.zeros(1 + len(TOPK) + 5 * k, dtype=torch.float64, device=device)
     if loader.num_samples:
         for images, labels, _keys in loader:
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             with precision.autocast(device):
                 logits = net(precision.images(images)).float()
             probs = logits.softmax(1).double()  # (B, K)
-            counts = torch.bincount(logits.argmax(1), minlength=k).double()
+            pred = logits.argmax(1)
             sums += torch.cat([torch.tensor([float(len(labels))], device=device, dtype=torch.float64),
                                torch.stack(topk_hits(logits, labels)),
-                               counts, probs.sum(0), (probs * probs).sum(0)])
+                               torch.bincount(pred, minlength=k).double(), probs.sum(0), (probs * probs).sum(0),
+                               torch.bincount(labels, minlength=k).double(),
+                               torch.bincount(labels[pred == labels], minlength=k).double()])
     return comm.all_reduce(sums, "sum")
 
 
@@ -337,7 +339,7 @@ def epoch_record(epoch: int, lr: float, train: torch.Tensor, val: torch.Tensor,
     rec[SCORE] = vhits[0] / max(nv, 1)
     if nv:
         rec["val_health"] = dataclasses.asdict(
-            health_of(np.asarray(val[1 + len(TOPK):].tolist()).reshape(3, num_classes)))
+            health_of(np.asarray(val[1 + len(TOPK):].tolist()).reshape(5, num_classes)))
     return rec
 
 
