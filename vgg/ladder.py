@@ -291,14 +291,7 @@ def run_ladder(cfg: ExperimentConfig, data_root: str, out_dir: str, device: torc
     ckpt_root = os.path.join(out_dir, CHECKPOINTS_DIR)
     if os.path.isdir(ckpt_root) and not os.listdir(ckpt_root):
         os.rmdir(ckpt_root)
-    fusion = None
-    if cfg.fuse.members:
-        f = fuse(list(cfg.fuse.members), evaluations)
-        fuse_out = StageOutput.at(os.path.join(out_dir, "fuse"))
-        write_fusion(fuse_out, f.posteriors, f.row, f.member_rows)
-        fusion = Fusion(fuse_out)
-        say(f"fuse: {' + '.join(cfg.fuse.members)}: top-1 {f.row.top1:.1f}%")
-    report = _report(cfg, evaluations, fusion, out_dir)
+    report = fuse_and_report(cfg, evaluations, out_dir, say)
     summary["claims"] = {str(k): v for k, v in claims.summary(report.claims).items()} if report.claims else {}
     summary["collapsed"] = report.collapsed
     summary["data_problems"] = len(problems)
@@ -520,6 +513,39 @@ def _write_problems(out: StageOutput, problems: list[tuple[str, str, str]], say)
         say(f"  ... and {len(problems) - 5} more")
 
 
+def fuse_and_report(cfg: ExperimentConfig, evaluations: dict[str, Evaluation], out_dir: str, say=_say):
+    """The fusion of `cfg.fuse.members` and the report (Tables 3-6, the claims, the plot), from
+    the evaluations' posteriors alone (seconds)."""
+    fusion = None
+    if cfg.fuse.members:
+        f = fuse(list(cfg.fuse.members), evaluations)
+        fuse_out = StageOutput.at(os.path.join(out_dir, "fuse"))
+        write_fusion(fuse_out, f.posteriors, f.row, f.member_rows)
+        fusion = Fusion(fuse_out)
+        say(f"fuse: {' + '.join(cfg.fuse.members)}: top-1 {f.row.top1:.1f}%")
+    return _report(cfg, evaluations, fusion, out_dir)
+
+
+def report_only(cfg: ExperimentConfig, out_dir: str, say=_say) -> dict[str, Any]:
+    """--report-only: the fusion and the report again from the evaluations in `out_dir` (after
+    a change to the report's rules or config; nothing is trained or evaluated). The summary
+    keeps its nets and gets the new verdicts."""
+    t, e = cfg.train, cfg.evaluate
+    names = [n for n in plan_order(t.nets) if n in set(e.nets if e.nets is not None else t.nets)]
+    missing = [n for n in names if not os.path.isfile(os.path.join(out_dir, "evaluate", n, "rows.json"))]
+    if missing:
+        raise LadderError(f"--report-only: no evaluation of {', '.join(missing)} in {out_dir}; run the ladder")
+    evaluations = {n: Evaluation(StageOutput.at(os.path.join(out_dir, "evaluate", n))) for n in names}
+    report = fuse_and_report(cfg, evaluations, out_dir, say)
+    out = StageOutput.at(out_dir)
+    summary = out.read_json(SUMMARY_FILE) if exists(out.fs, out.join(SUMMARY_FILE)) else {"nets": {}}
+    summary["claims"] = {str(k): v for k, v in claims.summary(report.claims).items()} if report.claims else {}
+    summary["collapsed"] = report.collapsed
+    write_json(out.fs, out.join(SUMMARY_FILE), summary)
+    say(report.markdown)
+    return summary
+
+
 def _report(cfg: ExperimentConfig, evaluations: dict[str, Evaluation], fusion: Fusion | None, out_dir: str):
     with tempfile.TemporaryDirectory() as tmp:
         png = os.path.join(tmp, "plot.png")
@@ -640,6 +666,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cost", nargs=2, type=int, metavar=("TRAIN_IMAGES", "VAL_IMAGES"),
                    help="print the FLOPs of every net's training and evaluation and the expected wall time "
                         "at rates measured on this device (a few steps on random data), and exit")
+    p.add_argument("--report-only", action="store_true",
+                   help="only fuse and report again, from the evaluations already in --out (seconds)")
     p.add_argument("--fresh", action="store_true",
                    help="start over: remove the earlier ladder outputs in --out (default: reuse the finished "
                         "nets and evaluations, resume the interrupted net)")
@@ -653,11 +681,14 @@ def main(argv: list[str] | None = None) -> int:
         root = cfg.data.root
         if root is None:
             raise LadderError("no data: give --data DIR (an image folder with train/ and val/)")
-        summary = run_ladder(cfg, root, args.out, _device(args.device), fresh=args.fresh)
+        if args.report_only:
+            summary = report_only(cfg, args.out)
+        else:
+            summary = run_ladder(cfg, root, args.out, _device(args.device), fresh=args.fresh)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(json.dumps({k: summary[k] for k in ("device", "wall_seconds", "claims", "collapsed")}, indent=1))
+    print(json.dumps({k: summary[k] for k in ("device", "wall_seconds", "claims", "collapsed") if k in summary}, indent=1))
     return 0
 
 
