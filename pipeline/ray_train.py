@@ -60,9 +60,16 @@ from vgg.training.steps import Precision, describe_choice
 
 RUN_PREFIX = "ray_train"  # each run of the stage: <scratch>/ray_train-<time>-<token>/epoch_NNNN/
 OUTCOME_SUFFIX = ".outcome.json"  # <scratch>/<run name>.outcome.json: see _tell_driver
+#: Seconds between the Ray Train controller's polls of its workers, unless the user set
+#: RAY_TRAIN_HEALTH_CHECK_INTERVAL_S. Ray's default, 2 s, paced short epochs: a worker's
+#: `ray.train.report` waits until a poll has taken the previous report (a queue of one),
+#: and every run's start and end is seen only at a poll.
+POLL_S = 0.2
+POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 
 __all__ = ["MANIFEST_FILE", "STATE_FILE", "SavedCheckpoint", "TrainCallback", "WorkerPlan", "best_and_last",
-           "new_run_name", "outcome_uri", "read_checkpoint", "read_outcome", "scan_checkpoints", "trainer"]
+           "fit_trainer", "new_run_name", "outcome_uri", "read_checkpoint", "read_outcome", "scan_checkpoints",
+           "trainer"]
 
 
 @dataclass(frozen=True)
@@ -380,6 +387,18 @@ def trainer(plan: WorkerPlan, scratch: StageOutput, run: str) -> TorchTrainer:
             failure_config=FailureConfig(max_failures=t.max_failures),
         ),
     )
+
+
+def fit_trainer(trainer: TorchTrainer):
+    """`trainer.fit()` with the controller polling every `POLL_S` (Ray Train passes the
+    variable from this process to its controller and workers when it is set here)."""
+    if os.environ.get(POLL_ENV):  # the user's choice
+        return trainer.fit()
+    os.environ[POLL_ENV] = str(POLL_S)
+    try:
+        return trainer.fit()
+    finally:
+        os.environ.pop(POLL_ENV, None)
 
 
 def best_and_last(scratch: StageOutput, run: str, log=lambda msg: None) -> tuple[dict[str, Any], dict[str, Any]]:

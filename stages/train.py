@@ -29,8 +29,8 @@ from vgg.results.metrics import Health
 from vgg.training.checkpoints import import_weights, initial_model, write_init_weights
 from vgg.training import guard
 from vgg.training.curves import plot_curves
-from pipeline.ray_train import (SavedCheckpoint, TrainCallback, WorkerPlan, best_and_last, new_run_name,
-                                 outcome_uri, read_outcome, scan_checkpoints, trainer)
+from pipeline.ray_train import (SavedCheckpoint, TrainCallback, WorkerPlan, best_and_last, fit_trainer,
+                                 new_run_name, outcome_uri, read_outcome, scan_checkpoints, trainer)
 
 CURVES_FILE = "learning_curves.png"
 
@@ -68,7 +68,7 @@ def run(config: TrainSection, inputs: TrainInputs, ctx: StageContext,
                       {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_HTTP_")},
                       outcome_uri(ctx.scratch, run_name), ctx.system_metrics,
                       resume.uri if resume is not None else "")
-    trainer(plan, ctx.scratch, run_name).fit()
+    fit_trainer(trainer(plan, ctx.scratch, run_name))
     _check_outcome(read_outcome(plan.outcome_uri), config, ctx)
     best_state, last_state = best_and_last(ctx.scratch, run_name, ctx.log)
     resuming = resume is not None

@@ -493,3 +493,18 @@ def test_torchvision_weights_are_imported_without_training(data, tmp_path):
                                                 weights=str(tmp_path / "vgg11_4.pth")), augment=augment).run()
     with pytest.raises(ValueError, match=r"crop 224 .*augment.crop is 32"):
         make_ctx(data, tmp_path / "w3", sec).run()
+
+
+def test_the_trainer_runs_with_a_fast_controller_poll_unless_the_user_chose_one(monkeypatch):
+    """Ray Train's controller polls every 2 s by default, and a worker's report waits for the
+    poll that takes the previous one: the pipeline's runs poll every ray_train.POLL_S (Ray
+    Train passes the variable on from the driver's environment at fit()); a user's value wins."""
+    seen = []
+    fake = SimpleNamespace(fit=lambda: seen.append(os.environ.get(ray_train.POLL_ENV)) or "result")
+    monkeypatch.delenv(ray_train.POLL_ENV, raising=False)
+    assert ray_train.fit_trainer(fake) == "result"
+    assert seen == [str(ray_train.POLL_S)] and float(seen[0]) < 2.0
+    assert ray_train.POLL_ENV not in os.environ  # restored afterwards
+    monkeypatch.setenv(ray_train.POLL_ENV, "3")
+    ray_train.fit_trainer(fake)
+    assert seen[-1] == "3" and os.environ[ray_train.POLL_ENV] == "3"

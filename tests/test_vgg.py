@@ -390,3 +390,26 @@ def test_bf16_autocast_close_to_fp32(name):
             y, y_dense = net(x[..., :64]), net.dense_scores(x)
     assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
     assert rel_err(y, ref) < 5e-2 and rel_err(y_dense, ref_dense) < 5e-2
+
+
+def test_empty_net_builds_small_nets_without_the_meta_device_and_keeps_the_global_rng():
+    """The meta device's first use in a process costs about 1.3 s of CPU: every train
+    worker and evaluation task of the demo paid it for its quarter-width nets. Small nets
+    are built on the CPU (their init is overwritten, and the global RNG left as it was);
+    full-size ones still skip their random init on the meta device."""
+    from vgg.training.checkpoints import empty_net, on_meta_device
+
+    assert not on_meta_device(0.25, 32) and not on_meta_device(0.5, 64)  # the demo's, and width 0.5 at crop 64
+    assert on_meta_device(1.0, 224) and on_meta_device(1.0, 96)
+    src = small("D", seed=1, num_classes=5)
+    torch.manual_seed(3)
+    want = torch.rand(3)
+    torch.manual_seed(3)
+    net = empty_net("D", num_classes=5, width=0.25, crop=32)
+    assert torch.equal(torch.rand(3), want)
+    assert all(p.device.type == "cpu" for p in net.parameters())
+    net.load_state_dict(src.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(net.eval()(x), src.eval()(x))
+    big = empty_net("A", num_classes=5, width=1.0, crop=224)
+    assert all(p.device.type == "cpu" for p in big.parameters())

@@ -73,12 +73,30 @@ def model_from_bytes(data: bytes, where: str = "<bytes>") -> tuple[VGG, dict[str
     return net.eval(), payload
 
 
+#: `empty_net` builds nets of up to about this many weights on the CPU, initialised (a few
+#: tenths of a second at most), and larger ones on the meta device, uninitialised: its first
+#: use in a process costs about 1.3 s of CPU (PyTorch loads its meta kernels; measured on
+#: 2 cores), which every Ray Train worker and evaluation task of the demo paid.
+META_MIN_WEIGHTS = 20_000_000
+
+
 def empty_net(arch: str, **options: Any) -> VGG:
-    """`build_vgg(arch, **options)` with uninitialised weights, to load a state into
-    (skips the random init: seconds for a full-size net)."""
+    """`build_vgg(arch, **options)` with weights to be overwritten, to load a state into
+    (a large net skips the random init: seconds for a full-size net). The global RNG is
+    left as it was."""
+    if not on_meta_device(options.get("width", 1.0), options.get("crop", 224)):
+        with torch.random.fork_rng(devices=[]):
+            return build_vgg(arch, **options)
     with torch.device("meta"):
         net = build_vgg(arch, **options)
     return net.to_empty(device="cpu")
+
+
+def on_meta_device(width: float, crop: int) -> bool:
+    """Whether `empty_net` builds a net of this width and crop on the meta device: when it
+    has more than META_MIN_WEIGHTS weights, roughly (D: 15 M conv, FC1 512 x (crop/32)^2 x
+    4096, FC2 4096 x 4096, all times width^2)."""
+    return width * width * (15e6 + 512 * 4096 * (crop / 32) ** 2 + 4096 * 4096) > META_MIN_WEIGHTS
 
 
 def initial_model(t: TrainConfig, net_plan: NetPlan, num_classes: int, crop: int,
