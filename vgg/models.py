@@ -118,7 +118,7 @@ class LocalResponseNorm(nn.LocalResponseNorm):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or torch.compiler.is_compiling():
+        if x.dim() != 4 or x.is_meta or torch.compiler.is_compiling():
             return super().forward(x)
         return _LRN.apply(x, self.size, self.alpha, self.beta, self.k)
 
