@@ -144,9 +144,10 @@ class _LRN(torch.autograd.Function):
     """LRN on (N, C, H, W), in chunks of images; saves only the input."""
 
     @staticmethod
-    def denominator(xf, window, size, alpha, beta, k) -> tuple[torch.Tensor, torch.Tensor]:
-        """(d, d^beta) with d = k + alpha * (mean of x^2 over the window), PyTorch's order."""
-        d = _channel_sum(xf * xf, window).div_(size).mul_(alpha).add_(k)
+    def denominator(xf, window, beta, k) -> tuple[torch.Tensor, torch.Tensor]:
+        """(d, d^beta) with d = k + alpha / size * (sum of x^2 over the window); `window` holds
+        alpha / size in place of 1."""
+        d = _channel_sum(xf * xf, window).add_(k)
         if beta == 0.75:  # AlexNet's: a fractional pow costs 2.5x two sqrt and a mul on a CPU
             r = d.sqrt()
             return d, r * r.sqrt()
@@ -160,12 +161,12 @@ class _LRN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, size, alpha, beta, k):
         dtype = torch.promote_types(x.dtype, torch.float32)
-        window = _channel_window(x.shape[1], size, x.new_empty(0, dtype=dtype))
+        window = _channel_window(x.shape[1], size, x.new_empty(0, dtype=dtype)) * (alpha / size)
         y = torch.empty_like(x)
         with torch.autocast(x.device.type, enabled=False):
             for part in _LRN.chunks(x):
                 xf = x[part].to(dtype)
-                torch.div(xf, _LRN.denominator(xf, window, size, alpha, beta, k)[1], out=y[part])
+                torch.div(xf, _LRN.denominator(xf, window, beta, k)[1], out=y[part])
         ctx.save_for_backward(x)
         ctx.constants = size, alpha, beta, k
         return y
@@ -176,15 +177,15 @@ class _LRN(torch.autograd.Function):
         size, alpha, beta, k = ctx.constants
         dtype = torch.promote_types(x.dtype, torch.float32)
         like = x.new_empty(0, dtype=dtype)
-        window = _channel_window(x.shape[1], size, like)
+        window = _channel_window(x.shape[1], size, like) * (alpha / size)
         dx = torch.empty_like(x)
         with torch.autocast(x.device.type, enabled=False):
             for part in _LRN.chunks(x):
                 xf = x[part].to(dtype)
-                d, p = _LRN.denominator(xf, window, size, alpha, beta, k)
+                d, p = _LRN.denominator(xf, window, beta, k)
                 g = grad[part].to(dtype) / p  # dL/dy / d^beta (not in place: grad may be dtype)
-                # dx_j = g_j - 2 alpha beta / size * x_j * (sum over the windows c holding j of g_c x_c / d_c)
-                dx[part] = g.addcmul_(xf, _channel_sum(g * xf / d, window.t()), value=-2 * alpha * beta / size)
+                # dx_j = g_j - 2 beta x_j * alpha / size * (sum over the windows c holding j of g_c x_c / d_c)
+                dx[part] = g.addcmul_(xf, _channel_sum(g * xf / d, window.t()), value=-2 * beta)
         return dx, None, None, None, None
 
 
