@@ -18,7 +18,8 @@ training step rate is the model's, not the decoder's.
 
 One difference from DALI: the resize is plain bilinear, not antialiased, so a rescale that
 shrinks the image (S below its shorter side) aliases where DALI's filter would widen.
-Imports torch, TorchCodec (or torchvision's decoder), numpy, PIL and PyTorch-only `vgg` modules (no pyarrow/DALI).
+Imports torch, TorchCodec (or torchvision's decoder), numpy, PIL and PyTorch-only `vgg`
+modules (no pyarrow/DALI).
 """
 
 from __future__ import annotations
@@ -146,16 +147,16 @@ class ImageStore:
         for lo in range(0, len(rows), batch):
             hi = min(len(rows), lo + batch)
             for j, img in zip(range(lo, hi), _decode(data[lo:hi], jpeg[lo:hi], device)):
-                h, w = hw[j]
+                data[j] = None  # the encoded bytes are no longer needed
+                h, w = int(hw[j, 0]), int(hw[j, 1])
                 if isinstance(img, torch.Tensor) and tuple(img.shape) != (3, h, w):
                     img = f"decoded to {tuple(img.shape)}, its header says {h}x{w} RGB"
                 if isinstance(img, str):
                     bad(rows[j], img)
                     continue
-                pixels[pos:pos + h * w * 3].view(int(h), int(w), 3).copy_(img.permute(1, 2, 0))
+                pixels[pos:pos + h * w * 3].view(h, w, 3).copy_(img.permute(1, 2, 0))
                 pos += h * w * 3
                 kept.append(j)
-                data[j] = None  # the encoded bytes are no longer needed
             if progress is not None:
                 progress(rows[hi - 1] + 1 if hi < len(rows) else n)
         if not rows and progress is not None:
