@@ -49,24 +49,12 @@ from vgg.artifacts import CONVERTED_FILE, SKIPPED_FILE, write_shard_index
 from vgg.data.folders import DatasetError, subsample
 from vgg.data.layouts import list_dataset
 from vgg.data.imagenet import TAR_SCHEME, read_member
+from vgg.data.decoding import to_8bit_rgb  # the one RGB conversion (the ladder's store uses it too)
 
 SHARD_COLUMNS = ["key", "label", "class_name", "image", "height", "width"]
 
 
 # ------------------------------------------------------------------ one image
-
-
-def _to_8bit_rgb(im: Image.Image) -> Image.Image:
-    """Any decodable PIL image -> 8-bit RGB (16-bit and float scaled, alpha dropped)."""
-    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        a = np.asarray(im, dtype=np.float64)
-        hi = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
-        im = Image.fromarray(np.clip(a / hi * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-        im = im.convert("RGBA")
-        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
-        im = Image.alpha_composite(white, im)
-    return im.convert("RGB")
 
 
 def normalise_image(data: bytes, quality: int) -> tuple[bytes, np.ndarray, str]:
@@ -88,7 +76,7 @@ def normalise_image(data: bytes, quality: int) -> tuple[bytes, np.ndarray, str]:
     if fmt == "JPEG" and mode == "RGB" and orientation in (0, 1):
         return data, np.asarray(im), ""
     note = f"{fmt} {mode}" + (f" EXIF orientation {orientation}" if orientation not in (0, 1) else "")
-    rgb = _to_8bit_rgb(ImageOps.exif_transpose(im) if orientation not in (0, 1) else im)
+    rgb = to_8bit_rgb(ImageOps.exif_transpose(im) if orientation not in (0, 1) else im)
     buf = io.BytesIO()
     rgb.save(buf, "JPEG", quality=quality)
     out = buf.getvalue()

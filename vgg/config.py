@@ -90,8 +90,8 @@ class AugmentConfig:
     color_noise_std: float = 0.1
     flip: bool = True
     #: The loaders' backend (vgg.data.loaders): "dali" (NVIDIA DALI: ROI decoding, GPU "mixed"
-    #: decoding on GPU workers; Linux + NVIDIA CUDA wheels only) or "torch" (torchvision's
-    #: decode_jpeg, batched on the GPU where there is one, and torch ops: any PyTorch machine).
+    #: decoding on GPU workers; Linux + NVIDIA CUDA wheels only) or "torch" (TorchCodec's
+    #: JPEG decoders, batched on the GPU where there is one, and torch ops: any PyTorch machine).
     backend: Literal["dali", "torch"] = "dali"
     #: Decoding: "auto" (on the GPU where the worker has one), "cpu" or "gpu".
     device: Literal["auto", "cpu", "gpu"] = "auto"

@@ -144,7 +144,7 @@ def upright_hw(im: Image.Image) -> tuple[int, int]:
 
 def to_8bit_rgb(im: Image.Image) -> Image.Image:
     """Any decodable PIL image -> 8-bit RGB (16-bit and float scaled, alpha composited on
-    white): the shard stage's conversion (`pipeline.sharding`)."""
+    white): the conversion of the shard stage (`pipeline.sharding`) and of the ladder's store."""
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         a = np.asarray(im, dtype=np.float64)
         hi = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0

@@ -4,7 +4,7 @@
 - "dali" (`vgg.data.dali`, the default): NVIDIA DALI decodes the crop window only (ROI
   decoding), GPU "mixed" decoding on GPU workers, the same pipeline on CPU elsewhere.
   Linux with an NVIDIA CUDA wheel only.
-- "torch" (`vgg.data.torch_loaders`): torchvision decodes (`decode_jpeg`, batched on the
+- "torch" (`vgg.data.torch_loaders`): TorchCodec decodes (`vgg.data.decoding`, batched on the
   GPU when the worker has one) and torch ops rescale, crop, flip and shift colours.
   Runs wherever PyTorch runs (AMD, Apple, CPU-only machines).
 
