@@ -22,6 +22,7 @@ What MLflow 3.17's React UI needs (found by trying, on 3.17.2):
 
 from __future__ import annotations
 
+import asyncio
 import html.parser
 import os
 import shutil
@@ -247,8 +248,6 @@ def evaluate_js(url: str, expression: str, *, window: tuple[int, int] = WINDOW, 
     expression's value is not empty (or `wait_s` has passed), through the DevTools protocol on a 127.0.0.1 port (aiohttp's websocket
     client, a dependency of Ray's dashboard). Chromium is stopped, its process group by
     pid, on the way out. The layout is the real one: what a person sees in that window."""
-    import asyncio
-
     return asyncio.run(_evaluate_js(url, expression, window, wait_for, wait_s))
 
 
