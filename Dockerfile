@@ -11,7 +11,8 @@ COPY --chown=ray:users pipeline pipeline
 COPY --chown=ray:users stages stages
 COPY --chown=ray:users configs configs
 COPY --chown=ray:users scripts scripts
-# torch, torchvision, nvidia-dali-cuda120, MLflow, ...; Ray is the image's (it satisfies ray>=2.40)
-RUN pip install --no-cache-dir ".[cluster,dev]"
+# torch, torchvision, nvidia-dali-cuda120, MLflow, ...; Ray is the image's (it satisfies ray>=2.40).
+# DALI: NVIDIA documents its wheels on its own index (pypi.nvidia.com)
+RUN pip install --no-cache-dir --extra-index-url https://pypi.nvidia.com ".[cluster,dev]"
 # The RayJob's runtime env uploads this folder as the job's working_dir: `python pipeline/run.py
 # --config configs/imagenet.yaml` runs from it.
