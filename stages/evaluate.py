@@ -57,7 +57,7 @@ def run(config: EvaluateSection, inputs: EvaluateInputs, ctx: StageContext) -> S
     if h.collapsed:
         ctx.log(f"WARNING: {name} {h.describe()}")
     rows_file, health_file, *posteriors = write_evaluation(ctx.out, modes, rows, h)
-    table, metrics = error_table(modes, qs)
+    table, metrics = error_table(modes, rows)  # the report's intervals (ReportConfig defaults)
     q_table, q_metrics = per_q_table(per_q)
     metrics.update(q_metrics)
     metrics.update(throughput(results, wall, len(all_q)))

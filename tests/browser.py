@@ -22,6 +22,7 @@ What MLflow 3.17's React UI needs (found by trying, on 3.17.2):
 
 from __future__ import annotations
 
+import asyncio
 import html.parser
 import os
 import shutil
@@ -221,6 +222,98 @@ def screenshot(url: str, png_path: str | Path, budget_ms: int = BUDGET_MS,
     if not png.is_file():
         raise RuntimeError(f"chromium wrote no screenshot of {url}")
     return png
+
+
+# ------------------------------------------------------------------ layout (DevTools protocol)
+
+#: Script for `evaluate_js`: the visible table's header cells, in document order, each with
+#: its text and where it lies ({"text", "left", "right", "top", "bottom"}, CSS pixels, in
+#: the viewport). MLflow's artifact table view (3.17) is a plain <table> or a role="table"
+#: grid; whichever has the most header cells wins.
+HEADER_CELLS_JS = """
+(() => {
+  const sets = [...document.querySelectorAll('table, [role="table"], [role="grid"]')].map(t =>
+    [...t.querySelectorAll('th, [role="columnheader"]')]);
+  const cells = sets.sort((a, b) => b.length - a.length)[0] || [];
+  return cells.map(c => { const r = c.getBoundingClientRect();
+    return {text: c.innerText.trim(), left: r.left, right: r.right, top: r.top, bottom: r.bottom}; });
+})()
+"""
+
+
+def evaluate_js(url: str, expression: str, *, window: tuple[int, int] = WINDOW, wait_for: str | None = None,
+                wait_s: float = 90.0) -> object:
+    """Load `url` in headless Chromium (a fresh profile, the given window) and return the
+    value of the JavaScript `expression` once `wait_for` is in the page's text and the
+    expression's value is not empty (or `wait_s` has passed), through the DevTools protocol on a 127.0.0.1 port (aiohttp's websocket
+    client, a dependency of Ray's dashboard). Chromium is stopped, its process group by
+    pid, on the way out. The layout is the real one: what a person sees in that window."""
+    return asyncio.run(_evaluate_js(url, expression, window, wait_for, wait_s))
+
+
+async def _evaluate_js(url, expression, window, wait_for, wait_s):
+    import json as _json
+
+    import aiohttp
+
+    exe = chromium_path()
+    if exe is None:
+        raise RuntimeError("chromium is not installed (Debian: apt-get install -y chromium)")
+    host = urlsplit(url).hostname or ""
+    resolve = [] if host in LOOPBACK else [f"--host-resolver-rules=MAP {host} 127.0.0.1"]
+    port = _free_port()
+    with tempfile.TemporaryDirectory() as profile:
+        proc = subprocess.Popen(
+            [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--hide-scrollbars",
+             "--no-first-run", "--mute-audio", "--no-proxy-server", f"--user-data-dir={profile}",
+             f"--window-size={window[0]},{window[1]}", "--remote-debugging-address=127.0.0.1",
+             f"--remote-debugging-port={port}", *resolve, "about:blank"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            deadline = time.monotonic() + wait_s
+            async with aiohttp.ClientSession(trust_env=False) as session:
+                while True:  # the DevTools endpoint comes up with the browser
+                    try:
+                        async with session.get(f"http://127.0.0.1:{port}/json/list") as r:
+                            pages = [t for t in await r.json() if t["type"] == "page"]
+                        if pages:
+                            break
+                    except aiohttp.ClientError:
+                        pass
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError(f"chromium's DevTools endpoint did not come up (exit {proc.poll()})")
+                    await asyncio.sleep(0.5)
+                async with session.ws_connect(pages[0]["webSocketDebuggerUrl"], max_msg_size=0) as ws:
+                    ids = iter(range(1, 1_000_000))
+
+                    async def call(method, **params):
+                        i = next(ids)
+                        await ws.send_str(_json.dumps({"id": i, "method": method, "params": params}))
+                        while True:
+                            msg = _json.loads((await ws.receive()).data)
+                            if msg.get("id") == i:
+                                if "error" in msg:
+                                    raise RuntimeError(f"{method}: {msg['error']}")
+                                return msg["result"]
+
+                    async def value(expr):
+                        out = await call("Runtime.evaluate", expression=expr, returnByValue=True)
+                        if "exceptionDetails" in out:
+                            raise RuntimeError(f"the page's script failed: {out['exceptionDetails']}")
+                        return out["result"].get("value")
+
+                    await call("Page.navigate", url=url)
+                    while wait_for is not None and not await value(
+                            f"!!document.body && document.body.innerText.includes({_json.dumps(wait_for)})"):
+                        if time.monotonic() > deadline:
+                            raise RuntimeError(f"{wait_for!r} did not appear on {url} within {wait_s:.0f} s")
+                        await asyncio.sleep(0.5)
+                    while not await value(expression) and time.monotonic() < deadline:
+                        await asyncio.sleep(0.5)  # rendered after the text (a table after its title)
+                    await asyncio.sleep(1.0)  # the layout settles (column widths)
+                    return await value(expression)
+        finally:
+            _stop(proc)
 
 
 # ------------------------------------------------------------------ reading a dump

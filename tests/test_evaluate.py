@@ -22,7 +22,7 @@ from vgg.data.augmentation import AugmentSpec
 from vgg.data.demo import make_image
 from vgg.data.loaders import build_center_loader
 from vgg.evaluation import shares as E
-from vgg.results.metrics import Posteriors, errors, read_posteriors
+from vgg.results.metrics import Posteriors, bootstrap_errors, errors, interval, read_posteriors, topk_hits
 from pipeline.sharding import shard
 from vgg.results.report import build_report
 from vgg.models import build_vgg
@@ -190,7 +190,11 @@ def test_run_writes_every_mode_and_its_errors(one_worker):
     assert [r.mode for r in rows] == list(paper.MODES)
     assert result.params["q_single"] == 40 and result.params["q_multi"] == [32, 40, 48]
     table = result.tables["errors.json"]
-    assert table["mode"] == list(paper.MODES) and table["Q"][0] == "40" and table["Q"][3] == "32,40,48"
+    # the report's columns, the result first; the report's intervals
+    assert list(table)[:5] == ["net", "method", "test Q", "top-1", "top-1 95% CI"]
+    assert [f"{m}@{'single' if ',' not in q else 'multi'}" for m, q in zip(table["method"], table["test Q"])] \
+        == list(paper.MODES) and table["test Q"][0] == "40" and table["test Q"][3] == "32,40,48"
+    assert "top-5" not in table  # K = 3: not applicable in every row, so left out of the display
     for mode, row in zip(paper.MODES, rows):
         post = read_posteriors(ctx.out.fs, ctx.out.join(posteriors_file(mode)))
         assert len(post) == 18 and post.keys == sorted(post.keys)
@@ -198,7 +202,9 @@ def test_run_writes_every_mode_and_its_errors(one_worker):
         assert result.metrics[paper.metric_name(mode, "top1_err")] == pytest.approx(100 * errs["top1"])
         assert row.top1 == pytest.approx(100 * errs["top1"]) and row.top5 is None  # K = 3 < 5
         assert paper.metric_name(mode, "top5_err") not in result.metrics
-        assert table["top-1 %"][paper.MODES.index(mode)] == round(row.top1, 1)  # shown rounded
+        assert table["top-1"][paper.MODES.index(mode)] == round(row.top1, 1)  # shown rounded
+        lo, hi = (100 * v for v in interval(bootstrap_errors({"m": topk_hits(post.probs, post.labels, 1)})["m"]))
+        assert table["top-1 95% CI"][paper.MODES.index(mode)] == f"[{lo:.1f}, {hi:.1f}]"
     for name in ("dense_images_per_s", "multicrop_images_per_s", "images_per_s"):
         assert result.metrics[name] > 0
     assert result.metrics["dense_q48_top1_err"] >= 0 and "rows.json" in result.artifacts

@@ -134,12 +134,13 @@ def test_to_markdown():
     md = to_markdown(table3(ROWS[:2]), "Table 3")
     lines = md.strip().splitlines()
     assert lines[0] == "### Table 3"
-    assert lines[2] == ("| net | arch | train S | test Q | method | top-1 | top-1 95% CI | top-5 | "
-                        "top-5 95% CI | paper top-1 | paper top-5 |")
+    # the result first: net, method, test scales, top-1 and its interval
+    assert lines[2] == ("| net | method | test Q | top-1 | top-1 95% CI | top-5 | top-5 95% CI | train S | "
+                        "arch | paper top-1 | paper top-5 |")
     assert lines[3].count("---") == 11
-    assert lines[4] == "| A-256 | A | 256 | 256 | dense | 30.0 | - | 10.0 | - | 29.6 | 10.4 |"
+    assert lines[4] == "| A-256 | dense | 256 | 30.0 | - | 10.0 | - | 256 | A | 29.6 | 10.4 |"
     # no top-5 with <= 5 classes: not applicable; no paper value: "-"
-    assert lines[5] == "| demo-D | D | 32 | 32 | dense | 80.0 | - | n/a | - | - | - |"
+    assert lines[5] == "| demo-D | dense | 32 | 80.0 | - | n/a | - | 32 | D | - | - |"
     with_ci = dataclasses.replace(ROWS[0], top1_ci=(28.04, 31.96))
     assert "| 80.0 | [28.0, 32.0] |" in to_markdown(table3([with_ci]))
     with pytest.raises(ValueError, match="unequal length"):
@@ -176,5 +177,8 @@ def test_the_depth_plot_draws_the_compared_mode_only_with_its_intervals_and_the_
 
 
 def test_display_tables_round_to_one_decimal_and_leave_the_rest():
-    shown = display({"top-1": [66.6666666667, None], "Q": [40, 36], "ci": [(1.04, 2.06), None], "m": ["a", "b"]})
+    shown = display({"top-1": [66.6666666667, None], "Q": [40, 36], "ci": [(1.04, 2.06), None], "m": ["a", "b"],
+                     "paper top-1": [None, None]})
+    # a column empty in every row is left out (issue 31: the paper's columns were null on the demo)
     assert shown == {"top-1": [66.7, None], "Q": [40, 36], "ci": [(1.0, 2.1), None], "m": ["a", "b"]}
+    assert display({"a": [], "b": []}) == {"a": [], "b": []}

@@ -340,7 +340,7 @@ def test_report_judges_claims_from_saved_posteriors(tmp_path):
     assert all(ci.startswith("[") for ci in t3["top-1 95% CI"])
     b_vs_a = next(r for r in report.claims if r.claim == 2)
     assert b_vs_a.verdict == "held" and b_vs_a.hi < 0
-    assert "The paper's claims" in report.markdown and "| 2 |" in report.markdown
+    assert "The paper's claims" in report.markdown and "**Claim 2.**" in report.markdown
     again = build_report(outputs, None, None, ReportConfig(bootstrap_samples=200))
     assert again.claims == report.claims  # seeded: the same intervals every time
 
@@ -414,3 +414,51 @@ def test_a_reason_shared_by_both_members_is_said_once(tmp_path):
     report = build_report(outputs, None, None, ReportConfig(bootstrap_samples=200))
     both = [r for r in report.claims if r.verdict == "not testable" and r.comparison.count("dense@") == 2]
     assert both and all(r.note == "dense distorted at crop 32" for r in both), [r.note for r in both]
+
+
+def test_the_claims_state_each_claim_once_in_120_columns(tmp_path):
+    """Issue 31: claim 4's 110-character statement stood on each of its nine rows, making
+    console lines of about 300 characters. Now the statement comes once per claim: above
+    its comparisons in the Markdown (results.md, and the console, which prints it), beside
+    its first comparison in the MLflow table, whose first columns are the result."""
+    bad_dense = {"dense@single": 0.42, "multi-crop+dense@single": 0.5}
+    outputs = {"A": fake_evaluation(tmp_path, "A", "A", 40, 0.6, mode_accuracy={"dense@single": 0.55}, crop=32),
+               "D": fake_evaluation(tmp_path, "D", "D", 40, 0.78, mode_accuracy=bad_dense, crop=32),
+               "D-jit": fake_evaluation(tmp_path, "D-jit", "D", (36, 64), 0.8, never=3)}
+    report = build_report(outputs, None, None, ReportConfig(bootstrap_samples=200))
+    assert sum(r.claim == 4 for r in report.claims) == 9  # as in the issue
+    section = report.markdown[report.markdown.index("## The paper's claims"):]
+    assert max(map(len, section.splitlines())) <= 120
+    flat = " ".join(section.split())
+    for n, statement in claims.CLAIMS.items():
+        assert flat.count(statement) == 1, statement
+        assert flat.count(f"**Claim {n}.**") == 1
+    # every note is there, as a footnote of its claim's table
+    for r in report.claims:
+        assert not r.note or r.note in flat
+    assert "| D-jit:dense@multi vs D-jit:dense@single | " in section
+    table = report.tables["claims.json"]
+    assert list(table)[:5] == ["claim", "comparison", "difference (pp)", "95% CI", "verdict"]
+    assert list(table)[-1] == "statement"
+    shown = [(c, s) for c, s in zip(table["claim"], table["statement"]) if s is not None]
+    assert shown == list(claims.CLAIMS.items())
+
+
+def test_the_saved_tables_keep_their_columns_in_order_for_the_parent_runs_display(tmp_path):
+    """Issue 31: the parent run logs the report's tables as read back from its JSON files,
+    which were written with sorted keys (arch, method, net, paper top-1, ...): MLflow's view
+    kept that order and the errors were off the first screen. Read back, a table's columns
+    are in the report's order, and the display leaves out the all-empty paper columns."""
+    from vgg.artifacts import Report, write_report
+    from vgg.results.tables import display
+
+    outputs = {"A": fake_evaluation(tmp_path, "A", "A", 40, 0.6)}
+    report = build_report(outputs, None, None, ReportConfig(bootstrap_samples=50))
+    out = _output(tmp_path, "report")
+    write_report(out, report.tables, report.markdown, [], b"")
+    write_json(out.fs, out.join("manifest.json"), {"tables": sorted(report.tables)})
+    saved = Report(out).tables()
+    assert {n: list(t) for n, t in saved.items()} == {n: list(t) for n, t in report.tables.items()}
+    shown = display(saved["table3.json"])
+    assert list(shown)[:5] == ["net", "method", "test Q", "top-1", "top-1 95% CI"]
+    assert "paper top-1" not in shown and "paper top-5" not in shown  # no row matches the paper

@@ -306,8 +306,8 @@ class Report(Artifact):
 def write_report(out: StageOutput, tables: Mapping[str, dict], markdown: str, claims: list[dict],
                  png: bytes) -> list[str]:
     """tables/<name>.json, results.md, claims.json, error_vs_depth.png; -> the files to log."""
-    for name, table in tables.items():
-        write_json(out.fs, out.join(TABLES_DIR, name), table)
+    for name, table in tables.items():  # columns in their order: the result first (tables.COLUMNS)
+        write_json(out.fs, out.join(TABLES_DIR, name), table, sort_keys=False)
     write_bytes(out.fs, out.join(MARKDOWN_FILE), markdown.encode())
     write_json(out.fs, out.join(CLAIMS_FILE), claims)
     write_bytes(out.fs, out.join(PLOT_FILE), png)

@@ -117,8 +117,10 @@ def read_bytes(fs, path: str) -> bytes:
         return f.read()
 
 
-def write_json(fs, path: str, obj: Any) -> None:
-    write_bytes(fs, path, json.dumps(obj, indent=2, sort_keys=True).encode())
+def write_json(fs, path: str, obj: Any, sort_keys: bool = True) -> None:
+    """JSON, indented; keys sorted unless `sort_keys` is false (a table's columns keep
+    their order)."""
+    write_bytes(fs, path, json.dumps(obj, indent=2, sort_keys=sort_keys).encode())
 
 
 def read_json(fs, path: str) -> Any:

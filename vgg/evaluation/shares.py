@@ -34,15 +34,15 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from vgg.config import EvaluateConfig, NetPlan
+from vgg.config import EvaluateConfig, NetPlan, ReportConfig
 from vgg.progress import Progress, say
 from vgg.data.augmentation import AugmentSpec
 from vgg.data.loaders import build_eval_loader
 from vgg.evaluation.scoring import Scorer
 from vgg.models import VGG, set_pool_rounding
 from vgg.paper import BASE_METHODS, MODES, metric_name, multi_test_scales, single_test_scale
-from vgg.results.metrics import Posteriors, average, errors
-from vgg.results.tables import EvalRow
+from vgg.results.metrics import Posteriors, average, bootstrap_errors, errors, interval, meaningful_topk, topk_hits
+from vgg.results.tables import EvalRow, rows_table
 from vgg.training.checkpoints import load_model
 from vgg.training.steps import Precision, describe_choice
 
@@ -235,18 +235,28 @@ def combine_modes(per_q: dict[tuple[str, int], Posteriors], q_single: int,
 
 
 # ---------------------------------------------------------------- results
-def error_table(modes: dict[str, Posteriors], qs: dict[str, list[int]]) -> tuple[dict[str, list], dict[str, float]]:
-    """errors.json columns (mode, method, scales, Q, top-1 %, top-5 %) and the metrics."""
-    table: dict[str, list] = {c: [] for c in ("mode", "method", "scales", "Q", "top-1 %", "top-5 %")}
+def error_table(modes: dict[str, Posteriors], rows: Sequence[EvalRow],
+                report: ReportConfig | None = None) -> tuple[dict[str, list], dict[str, float]]:
+    """errors.json: the net's `rows` (one per mode) as the report's tables show them
+    (`tables.COLUMNS`: net, method, test Q, top-1 and its bootstrap interval, ...), and the
+    metrics. The intervals are the report's (`report`'s resamples, seed and confidence:
+    bootstrap replicates depend only on the number of images, so the report gives the
+    same ones)."""
+    report = report or ReportConfig()
+    hits: dict[int, dict[str, np.ndarray]] = {}
     metrics = {}
     for mode, post in modes.items():
-        method, scales = mode.split("@")
-        errs = {k: 100.0 * v for k, v in errors(post).items()}
-        for col, v in zip(table, (mode, method, scales, ",".join(map(str, qs[scales])),
-                                  errs["top1"], errs.get("top5"))):
-            table[col].append(v)
-        metrics.update({metric_name(mode, f"{k}_err"): v for k, v in errs.items()})
-    return table, metrics
+        for k in meaningful_topk((1, 5), post.num_classes):
+            hits.setdefault(k, {})[mode] = topk_hits(post.probs, post.labels, k)
+        metrics.update({metric_name(mode, f"{k}_err"): 100.0 * v for k, v in errors(post).items()})
+    reps = {k: bootstrap_errors(h, report.bootstrap_samples, report.seed) for k, h in hits.items()}
+
+    def ci(k: int, mode: str) -> tuple[float, float] | None:
+        r = reps.get(k, {}).get(mode)
+        return None if r is None else tuple(100.0 * v for v in interval(r, report.confidence))
+
+    rows = [dataclasses.replace(r, top1_ci=ci(1, r.mode), top5_ci=ci(5, r.mode)) for r in rows]
+    return rows_table(rows), metrics
 
 
 def per_q_table(per_q: dict[tuple[str, int], Posteriors]) -> tuple[dict[str, list], dict[str, float]]:

@@ -30,6 +30,7 @@ distorted at those scales: claims 1-3 move to multi-crop at the same scales
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -263,17 +264,53 @@ def _blocked_reasons(rows: Sequence[ClaimRow]) -> str:
     return "; ".join(reasons + ([f"retrain {', '.join(nets)}"] if nets else []))
 
 
+#: The Claims table's columns: the result first (MLflow's table view shows them in this
+#: order); the statement, long, last and once per claim.
+COLUMNS = ("claim", "comparison", "difference (pp)", "95% CI", "verdict", "note", "statement")
+#: The width of the claims' Markdown, which the console prints: a 120-column terminal.
+WIDTH = 120
+
+
 def table(rows: Sequence[ClaimRow]) -> dict[str, list]:
-    """The Claims table as columns (mlflow.log_table / to_markdown)."""
-    cols: dict[str, list] = {c: [] for c in ("claim", "statement", "comparison", "difference (pp)",
-                                              "95% CI", "verdict", "note")}
+    """The Claims table as columns (mlflow.log_table): a row per comparison; each claim's
+    statement once, beside its first comparison."""
+    cols: dict[str, list] = {c: [] for c in COLUMNS}
+    seen: set[int] = set()
     for r in rows:
-        ci = None if r.lo is None else f"[{r.lo:+.1f}, {r.hi:+.1f}]"
-        values = (r.claim, CLAIMS[r.claim], r.comparison,
-                  None if r.diff is None else f"{r.diff:+.1f}", ci, r.verdict, r.note or None)
+        values = (r.claim, r.comparison, None if r.diff is None else f"{r.diff:+.1f}", _ci(r), r.verdict,
+                  r.note or None, None if r.claim in seen else CLAIMS[r.claim])
+        seen.add(r.claim)
         for c, v in zip(cols, values):
             cols[c].append(v)
     return cols
+
+
+def _ci(r: ClaimRow) -> str | None:
+    return None if r.lo is None else f"[{r.lo:+.1f}, {r.hi:+.1f}]"
+
+
+def markdown(rows: Sequence[ClaimRow], width: int = WIDTH) -> str:
+    """The claims as Markdown, claim by claim: its statement and verdict once, then a table
+    of its comparisons; a note is a numbered footnote under the table (the same note, one
+    number), so that every line fits `width` columns, the statement wrapped."""
+    verdicts = summary(rows)
+    parts: list[str] = []
+    for n, statement in CLAIMS.items():
+        mine = [r for r in rows if r.claim == n]
+        parts += [textwrap.fill(f"**Claim {n}.** {statement}: **{verdicts[n]}**", width), ""]
+        parts += [textwrap.fill(f"Not testable here: {r.note}.", width) + "\n" for r in mine if r.diff is None]
+        judged = [r for r in mine if r.diff is not None]
+        if not judged:
+            continue
+        notes = list(dict.fromkeys(r.note for r in judged if r.note))
+        mark = lambda r: f" ({notes.index(r.note) + 1})" if r.note else ""  # noqa: E731
+        parts += ["| comparison | difference (pp) | 95% CI | verdict |", "|---|---|---|---|"]
+        parts += [f"| {r.comparison} | {r.diff:+.1f} | {_ci(r)} | {r.verdict}{mark(r)} |" for r in judged]
+        parts.append("")
+        if notes:
+            parts += [textwrap.fill(f"- ({i}) {note}", width, subsequent_indent="  ") for i, note in
+                      enumerate(notes, 1)] + [""]
+    return "\n".join(parts)
 
 
 def metrics_and_tags(rows: Sequence[ClaimRow]) -> tuple[dict[str, float], dict[str, str]]:

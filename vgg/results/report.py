@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import textwrap
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
@@ -202,15 +203,13 @@ def _markdown(tables: dict[str, dict], judged: list[claims.ClaimRow], collapsed:
     for name, title in TITLES.items():
         parts.append(paper.to_markdown(tables[name], title) if name in tables else f"### {title}\n\n(no rows)\n")
     if judged:
-        verdicts = claims.summary(judged)
-        parts += ["## The paper's claims, judged on this run", "",
-                  "Difference = our top-1 error of the first minus the second, in points, "
-                  "with a paired bootstrap interval (same resampled images for both). "
-                  "Held / contradicted: the interval excludes 0 on the claimed / the other "
-                  f"side; inconclusive: it contains 0; not testable: a collapsed net or a "
-                  f"distorted mode takes part. Claims 1-3 compare nets in {mode}"
-                  + (" (report.compare_mode)." if mode == cfg.compare_mode else
-                     f" (report.compare_mode is {cfg.compare_mode}, distorted here)."), ""]
-        parts += [f"{n}. {claims.CLAIMS[n]}: **{v}**" for n, v in verdicts.items()] + [""]
-        parts.append(paper.to_markdown(tables["claims.json"], "Claims"))
+        intro = ("Difference = our top-1 error of the first minus the second, in points, "
+                 "with a paired bootstrap interval (same resampled images for both). "
+                 "Held / contradicted: the interval excludes 0 on the claimed / the other "
+                 f"side; inconclusive: it contains 0; not testable: a collapsed net or a "
+                 f"distorted mode takes part. Claims 1-3 compare nets in {mode}"
+                 + (" (report.compare_mode)." if mode == cfg.compare_mode else
+                    f" (report.compare_mode is {cfg.compare_mode}, distorted here)."))
+        parts += ["## The paper's claims, judged on this run", "", textwrap.fill(intro, claims.WIDTH), "",
+                  claims.markdown(judged)]
     return "\n".join(parts)

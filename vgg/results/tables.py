@@ -74,8 +74,10 @@ PAPER: dict[tuple[int, str, str, str], tuple[float, float]] = {
 PAPER_TEST_TOP5 = {("7 nets", "dense"): 7.3, ("D+E", "dense"): 7.0, ("D+E", "multi-crop+dense"): 6.8}
 
 CI = "95% CI"  # the bootstrap interval columns (filled by the report stage)
-COLUMNS = ["net", "arch", "train S", "test Q", "method", "top-1", f"top-1 {CI}", "top-5",
-           f"top-5 {CI}", "paper top-1", "paper top-5"]
+#: The result first: MLflow's table view shows the columns in this order, and at 1600 px its
+#: first screen holds about ten of them (tests/test_e2e.py reads it in Chromium).
+COLUMNS = ["net", "method", "test Q", "top-1", f"top-1 {CI}", "top-5", f"top-5 {CI}", "train S",
+           "arch", "paper top-1", "paper top-5"]
 FUSION_COLUMNS = ["members", "top-1", f"top-1 {CI}", "top-5", f"top-5 {CI}", "paper top-1",
                   "paper top-5"]
 #: Columns where None means "not applicable" (top-5 with 5 classes or fewer), not "no value".
@@ -259,16 +261,23 @@ def _sort_key(row: EvalRow) -> tuple:
     return ARCHS.index(row.arch), ts_rank, ts, METHODS.index(row.method), row.net
 
 
-def _table(rows: Sequence[EvalRow], table: int, keep) -> dict[str, list]:
+def _table(rows: Sequence[EvalRow], table: int | None, keep, order=_sort_key) -> dict[str, list]:
     out: dict[str, list] = {c: [] for c in COLUMNS}
-    for r in sorted((r for r in rows if keep(r)), key=_sort_key):
+    for r in sorted((r for r in rows if keep(r)), key=order):
         paper = paper_match(r, table)
-        values = [r.net, r.arch, train_scale_key(r.train_scale), ",".join(map(str, r.q)), r.method,
-                  r.top1, ci_text(r.top1_ci), r.top5, ci_text(r.top5_ci),
-                  paper[0] if paper else None, paper[1] if paper else None]
-        for c, v in zip(COLUMNS, values):
-            out[c].append(v)
+        values = {"net": r.net, "method": r.method, "test Q": ",".join(map(str, r.q)), "top-1": r.top1,
+                  f"top-1 {CI}": ci_text(r.top1_ci), "top-5": r.top5, f"top-5 {CI}": ci_text(r.top5_ci),
+                  "train S": train_scale_key(r.train_scale), "arch": r.arch,
+                  "paper top-1": paper[0] if paper else None, "paper top-5": paper[1] if paper else None}
+        for c in COLUMNS:
+            out[c].append(values[c])
     return out
+
+
+def rows_table(rows: Sequence[EvalRow]) -> dict[str, list]:
+    """Any rows (an evaluate stage's: one net, every mode), in their order, each matched
+    with the paper's table of its kind (`EvalRow.table`)."""
+    return _table(rows, None, lambda r: True, order=lambda r: 0)
 
 
 def table3(rows: Sequence[EvalRow]) -> dict[str, list]:
@@ -327,8 +336,10 @@ def to_markdown(table: dict[str, list], title: str = "") -> str:
 
 def display(table: dict[str, list], digits: int = 1) -> dict[str, list]:
     """A copy of a column dict for display (mlflow.log_table): floats rounded to `digits`
-    decimals (errors in percent: one), as the Markdown shows them. The JSON files keep
-    full precision; this is for eyes only (66.6666666667 reads as 66.7)."""
+    decimals (errors in percent: one), as the Markdown shows them, and the columns that
+    are empty (None) in every row left out (the paper's columns on a run that matches no
+    row of the paper). The JSON files keep full precision and every column; this is for
+    eyes only (66.6666666667 reads as 66.7)."""
     def r(v: Any) -> Any:
         if isinstance(v, float):
             return round(v, digits)
@@ -336,7 +347,8 @@ def display(table: dict[str, list], digits: int = 1) -> dict[str, list]:
             return type(v)(round(x, digits) for x in v)
         return v
 
-    return {c: [r(v) for v in vals] for c, vals in table.items()}
+    return {c: [r(v) for v in vals] for c, vals in table.items()
+            if not vals or any(v is not None for v in vals)}
 
 
 # ------------------------------------------------------------------ plot
