@@ -221,7 +221,7 @@ def _restore(plan: WorkerPlan, device: torch.device, ctx, logger: MlflowLogger) 
         if saved.get("mlflow_run_id") != plan.run_id:  # a new stage run: re-log the past epochs
             logger.log_epochs(state.progress["history"])
         if rank_zero(ctx):
-            _say(plan, f"resumed from the checkpoint of epoch {saved['epoch']}")
+            _say(plan, f"resumed after epoch {saved['epoch'] + 1}")
     state.progress["workers"] = _placement(ctx, device)
     return state, start
 
@@ -424,7 +424,7 @@ def best_and_last(scratch: StageOutput, run: str, log=lambda msg: None) -> tuple
         chosen = max(hits, key=lambda c: (mine(c), c.run))
     else:  # kept by no run (deleted, or damaged): the best complete one left
         chosen = max(found, key=lambda c: (c.score, c.epoch))
-        log(f"WARNING: the checkpoint of the selected epoch {want} is gone; using epoch {chosen.epoch} "
+        log(f"WARNING: the checkpoint of the selected epoch {'?' if want is None else want + 1} is gone; using epoch {chosen.epoch + 1} "
             f"(val top-1 acc {chosen.score:.3f}), the best complete one left")
     best = last if chosen.uri == latest.uri else _read_state(chosen.uri)
     return best, last

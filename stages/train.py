@@ -105,7 +105,7 @@ def _resume_point(ctx: StageContext) -> SavedCheckpoint | None:
     for uri, why in skipped:
         ctx.log(f"skipping the checkpoint {uri}: {why}")
     if found:
-        ctx.log(f"resuming after epoch {found[0].epoch + 1} from {found[0].uri}")
+        ctx.log(f"resuming after epoch {found[0].epoch + 1} from {found[0].uri} (checkpoint folders count from 0)")
     return found[0] if found else None
 
 
@@ -118,10 +118,16 @@ def _check_outcome(outcome: dict[str, Any], config: TrainSection, ctx: StageCont
             "nothing is published. Start the server again and re-run: the stage resumes from "
             "its last checkpoint and logs the epochs again")
     if outcome.get("diverged"):
-        raise TrainingDiverged(
-            guard.message(ctx.stage_id, outcome["epoch"], outcome["step"], outcome["lr"], outcome["reason"])
-            + f" (train.nets.{config.name}.lr = {config.net.lr:g}; a rerun without --force resumes "
-            "from the last good checkpoint)")
+        raise TrainingDiverged(diverged_message(ctx.stage_id, config, outcome))
+
+
+def diverged_message(stage_id: str, config: TrainSection, outcome: dict[str, Any]) -> str:
+    """The one line of a divergence: where, why, and the key to lower (no --force needed:
+    another lr is another cache key, so the stage trains afresh)."""
+    key, lr = f"train.nets.{config.name}.lr", config.net.lr
+    return (guard.message(stage_id, outcome["epoch"], outcome["step"], outcome["lr"], outcome["reason"])
+            + f" ({key} = {lr:g}; e.g. --set {key}={lr / 10:g}: another lr is another cache key, so "
+            "the stage trains afresh, no --force needed)")
 
 
 def collapse_tags(h: Health, net_plan: NetPlan, log) -> dict[str, str]:
