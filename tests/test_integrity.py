@@ -681,3 +681,114 @@ def test_a_traceback_file_goes_under_the_work_dir_and_the_line_names_it(fused, c
     from pipeline.cli import _save_traceback
 
     assert os.path.dirname(_save_traceback(OSError(28, "No space left on device"), None)) == str(temp)
+
+
+# ------------------------------------------------------------------ 8. a full disk
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MB tmpfs (root and mount rights needed; skipped otherwise)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip() or res.returncode}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def _checkpoint(folder, epoch: int, payload: bytes = b"") -> None:
+    """A complete checkpoint folder as the workers write it (state file and manifest)."""
+    import hashlib
+    import io
+
+    import torch
+
+    from pipeline.ray_train import MANIFEST_FILE, STATE_FILE
+
+    folder.mkdir(parents=True)
+    buf = io.BytesIO()
+    torch.save({"epoch": epoch, "pad": payload}, buf)
+    data = buf.getvalue()
+    (folder / STATE_FILE).write_bytes(data)
+    (folder / MANIFEST_FILE).write_text(json.dumps({"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                                                    "epoch": epoch, "val_top1_acc": 0.5}))
+
+
+def _fill(path) -> OSError:
+    """Write `path` until the disk is full; -> the real ENOSPC error."""
+    with open(path, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError as e:
+            return e
+
+
+def test_a_full_disk_stops_every_rank_without_retry_and_removes_only_the_partial_checkpoint(small_disk):
+    from types import SimpleNamespace
+
+    from pipeline.ray_train import OUTCOME_SUFFIX, DiskFullStop, stop_on_full_disk
+    from pipeline.storage import disk_full
+
+    run = small_disk / "ray_train-1"
+    _checkpoint(run / "epoch_0000", 0)
+    partial = run / "epoch_0001"
+    partial.mkdir()
+
+    def report(state, record):  # Ray Train's upload of the epoch's checkpoint, on a full disk
+        raise _fill(partial / "state.pt")
+
+    state = SimpleNamespace(epoch=1)
+    with pytest.raises(DiskFullStop) as e:
+        stop_on_full_disk(report, None)(state, {})
+    assert disk_full(OSError(28, e.value.cause)) and "No space left on device" in e.value.cause
+    facts = e.value.facts(SimpleNamespace(outcome_uri=str(run) + OUTCOME_SUFFIX))
+    assert facts["epoch"] == 2 and "No space left" in facts["disk_full"]
+    assert sorted(os.listdir(run)) == ["epoch_0000"]  # the partial one gone, the complete one kept
+
+    def other(state, record):
+        raise ValueError("not a disk")
+
+    with pytest.raises(ValueError, match="not a disk"):  # anything else is raised as before (Ray retries)
+        stop_on_full_disk(other, None)(state, {})
+
+
+def test_a_full_disk_in_training_is_one_line_saying_the_space_needed(small_disk, tmp_path):
+    import pyarrow.fs as pafs
+
+    from pipeline.stage import StageContext, TrackingInfo
+    from pipeline.storage import StageOutput, disk_full
+    from stages.train import no_space
+    from vgg.models import build_vgg
+
+    scratch = small_disk / "scratch"
+    _checkpoint(scratch / "ray_train-1" / "epoch_0002", 2, b"x" * 300_000)
+    partial = scratch / "ray_train-2" / "epoch_0003"
+    partial.mkdir(parents=True)
+    assert disk_full(_fill(partial / "state.pt"))
+    fs = pafs.LocalFileSystem()
+    ctx = StageContext("train/A", StageOutput("train/A", "k", fs, str(tmp_path), str(tmp_path)), TrackingInfo("", "", ""),
+                       "k", StageOutput("train/A", "k", fs, str(scratch), str(scratch)))
+    cfg = load_config(DEMO, [f"work_dir={tmp_path}", "train.keep_checkpoints=2"])
+    err = no_space(ctx, build_dag(cfg)["train/A"].section, build_vgg("A", num_classes=3, width=0.0625, crop=32))
+    line = str(err)
+    assert line.startswith(f"no space left on the device holding {scratch}: train/A needs about ")
+    assert "(3 checkpoints of 0.3 MB, model.pt and its MLflow copy " in line and " free. Partial checkpoints removed" in line
+    assert line.endswith("run the same command again: the rerun resumes after epoch 3") and "\n" not in line
+    assert not partial.exists() and (scratch / "ray_train-1" / "epoch_0002" / "state.pt").exists()
+    assert err.keep_traceback is False
+
+
+def test_workers_lines_about_a_full_disk_are_hidden_the_rest_shown():
+    from pipeline.console import LineFilter
+
+    lines = LineFilter()
+    data = {"pid": 7, "ip": "127.0.0.1"}
+    for text in ("OSError: [Errno 28] No space left on device: '/w/stages/train/A/_scratch/k/ray_train-1'",
+                 "2026-12-04 20:00:00,000 ERROR checkpoint upload failed: No space left on device",
+                 "sqlite3.OperationalError: database or disk is full"):
+        assert lines.kind(data, text) is None, text
+    assert lines.kind(data, "RuntimeError: something else") == "trouble"
