@@ -14,7 +14,7 @@ from pathlib import Path
 from pipeline import console, tracking
 from pipeline.config import DEFAULT_CONFIG, load_config
 from pipeline.errors import UserError
-from pipeline.storage import check_work_dir, disk_full, no_space
+from pipeline.storage import WorkDirError, check_work_dir, disk_full, is_local, no_space, resolve_uri
 
 EPILOG = """\
 stage ids:
@@ -166,9 +166,22 @@ def printable(text: str) -> str:
     return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text).replace("\n", " ")
 
 
-def _save_traceback(e: BaseException) -> str:
-    """The traceback in a file (not on the console); -> its path."""
-    fd, path = tempfile.mkstemp(prefix="vgg-pipeline-error-", suffix=".log")
+def _save_traceback(e: BaseException, work_dir: str | None = None) -> str:
+    """The traceback in a file (not on the console), beside the run it belongs to:
+    <work_dir>/logs/ (a local work_dir), else (no usable work_dir, a full disk, object
+    storage) the system's temporary folder; -> its path."""
+    fd = None
+    if work_dir:
+        fs, root = resolve_uri(work_dir)
+        if is_local(fs) and os.path.isdir(root):
+            try:
+                os.makedirs(os.path.join(root, "logs"), exist_ok=True)
+                fd, path = tempfile.mkstemp(prefix=f"error-{time.strftime('%Y%m%d-%H%M%S')}-", suffix=".log",
+                                            dir=os.path.join(root, "logs"))
+            except OSError:
+                fd = None
+    if fd is None:
+        fd, path = tempfile.mkstemp(prefix="vgg-pipeline-error-", suffix=".log")
     with os.fdopen(fd, "w") as f:
         traceback.print_exception(type(e), e, e.__traceback__, file=f)
     return path
@@ -200,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose:
             traceback.print_exception(type(e), e, e.__traceback__)
         elif getattr(known, "keep_traceback", True):
-            line += f" (traceback: {_save_traceback(e)}; --verbose prints it)"
+            here = None if isinstance(known, WorkDirError) or _disk_full(known) else cfg and cfg.work_dir
+            line += f" (traceback: {_save_traceback(e, here)}; --verbose prints it)"
         print(line, file=sys.stderr)
         return 2
     print_summary(run)

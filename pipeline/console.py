@@ -25,7 +25,8 @@ Hidden (from the console only):
   the TrainController's PreemptionWatcher `E` line);
 - MLflow's INFO messages (the "mlflow" logger at WARNING, unless MLFLOW_LOGGING_LEVEL is set);
 - the raylet's warning that many worker processes started: expected here, a stage's task
-  holds no CPU while it waits for its job (`pipeline.scheduler`).
+  holds no CPU while it waits for its job (`pipeline.scheduler`);
+- workers' lines about a full disk: the driver's error line says it, with the space needed.
 Nothing of Ray's is lost: every worker's output stays in the session's log directory
 (logs/worker-*.out|err, logs/ray-data/, logs/train/, on each node), which one console line
 names when Ray starts.
@@ -67,6 +68,9 @@ TROUBLE = re.compile(
 #: Raylet reports that are expected here: a stage's task holds no CPU (`pipeline.scheduler`)
 #: and waits for its Ray Train / Ray Data job, so Ray starts more workers than it has CPUs.
 EXPECTED_RAYLET = re.compile(r"PYTHON worker processes have been started on node")
+
+#: A worker's line about a full disk (ENOSPC, or SQLite's): the driver says it in one line.
+DISK_FULL = re.compile(r"No space left on device|\[Errno 28\]|database or disk is full")
 
 _WRAPPED = "_vgg_console_filter"
 
@@ -192,6 +196,8 @@ class LineFilter:
             return None  # a progress bar's update (Ray Data's)
         if OURS.match(line):
             return "ours"
+        if DISK_FULL.search(line):
+            return None  # the driver's own line names the full disk and what the stage needs
         key = (data.get("ip"), pid)
         if key in self._in_traceback:
             if line[:1].isspace() or not line.strip() or line.startswith(("Traceback (most recent call last):",

@@ -131,14 +131,29 @@ def run_stage(job: StageJob, in_task: bool = False) -> StageRecord:
             stack.enter_context(tracking.environment(job.mlflow_env))
         if not job.force and not job.redo and store.is_complete(spec.id, key):
             return reuse(store, spec, key)
+        seen = _publication(store, spec.id, key)  # the output found damaged (redo), or None
         with store.claim(spec.id, key, lambda who: say(f"  [{spec.id}] waiting: {who} is running it")):
-            if (not job.force and store.is_complete(spec.id, key)  # the other invocation made it
-                    and (not job.redo or store.damage(spec.id, key) is None)):
+            # reused only if another invocation published it meanwhile (a new marker): the
+            # damaged output this run was told to redo is still the one it found, whatever
+            # its sizes say (a same-size change is found by hashes, --verify)
+            if not job.force and store.is_complete(spec.id, key) and _publication(store, spec.id, key) != seen:
                 return reuse(store, spec, key, "made by another invocation")
             say(f"  [{spec.id}] running (cache key {key})")
             if job.force:  # a forced re-run starts over: no resuming from old checkpoints
                 store.clear_scratch(spec.id, key)
             return _execute(store, job)
+
+
+def _publication(store: Store, stage_id: str, key: str) -> str | None:
+    """What tells one publication of (stage, key) from the next: its marker's text (None:
+    not complete)."""
+    from pipeline.storage import MARKER, read_bytes
+
+    out = store.output(stage_id, key)
+    try:
+        return read_bytes(out.fs, out.join(MARKER)).decode(errors="replace")
+    except OSError:
+        return None
 
 
 def reuse(store: Store, spec: StageSpec, key: str, note: str = "") -> StageRecord:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import posixpath
 import sys
 import tempfile
 import time
@@ -44,7 +45,7 @@ from mlflow.tracking import MlflowClient
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from pipeline.storage import StageOutput, exists, read_bytes, resolve_uri, write_json
+from pipeline.storage import StageOutput, disk_full, exists, read_bytes, resolve_uri, write_json
 from pipeline.system_metrics import SystemMetrics, sampling
 from vgg.config import NetPlan, TrainConfig, to_dict
 from vgg.data.augmentation import AugmentSpec
@@ -192,8 +193,15 @@ def _train(plan: WorkerPlan) -> None:
     logger = MlflowLogger(plan, rank)
     state, start = _restore(plan, device, ctx, logger)
     loader, val_loader = _loaders(plan, rank, world, device, start)
-    result = fit(state, loader, val_loader, plan.fit_options(device), start=start, comm=TorchDistributed(),
-                 device=device, checkpoint=_reporter(plan, rank), callbacks=(logger, *plan.callbacks))
+    try:
+        result = fit(state, loader, val_loader, plan.fit_options(device), start=start, comm=TorchDistributed(),
+                     device=device, checkpoint=stop_on_full_disk(_reporter(plan, rank), device),
+                     callbacks=(logger, *plan.callbacks))
+    except DiskFullStop as e:  # every rank stops here and returns: no retry can find space
+        if rank == 0:
+            _tell_driver(plan, e.facts(plan))
+        logger.close()
+        return
     if result.diverged is not None and rank == 0:  # the same facts on every rank
         d = result.diverged
         _tell_driver(plan, {"diverged": d.where, "epoch": d.epoch + 1, "step": None if d.step is None else d.step + 1,
@@ -234,7 +242,7 @@ def _restore(plan: WorkerPlan, device: torch.device, ctx, logger: MlflowLogger) 
         if saved.get("mlflow_run_id") != plan.run_id:  # a new stage run: re-log the past epochs
             logger.log_epochs(state.progress["history"])
         if rank_zero(ctx):
-            _say(plan, f"resumed from the checkpoint of epoch {saved['epoch']}")
+            _say(plan, f"resumed after epoch {saved['epoch'] + 1}")
     state.progress["workers"] = _placement(ctx, device)
     return state, start
 
@@ -286,6 +294,50 @@ def _reporter(plan: WorkerPlan, rank: int):
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch_{state.epoch:04d}")
 
     return report
+
+
+class DiskFullStop(Exception):
+    """Rank 0 could not save a checkpoint: the disk is full. Every rank raises it (agreed
+    through the process group) and the worker function returns normally, so that Ray Train
+    does not retry (`FailureConfig.max_failures`) what no retry can fix; the driver reads
+    the facts (`_tell_driver`) and fails the stage in one line."""
+
+    def __init__(self, epoch: int, cause: str):
+        super().__init__(cause)
+        self.epoch, self.cause = epoch, cause
+
+    def facts(self, plan: WorkerPlan) -> dict[str, Any]:
+        """After removing the partial checkpoint of the epoch (it holds the space the facts
+        need): what the driver is told."""
+        fs, path = resolve_uri(plan.outcome_uri[:-len(OUTCOME_SUFFIX)])
+        partial = posixpath.join(path, f"epoch_{self.epoch:04d}")
+        if exists(fs, partial):
+            fs.delete_dir(partial)
+        return {"disk_full": self.cause[:500], "epoch": self.epoch + 1}
+
+
+def stop_on_full_disk(report, device: torch.device):
+    """The checkpoint sink `report`, stopping every rank with `DiskFullStop` when one could
+    not save its checkpoint for a full disk (one flag all-reduced per epoch)."""
+    import torch.distributed as dist
+
+    def guarded(state: TrainState, record: dict[str, Any]) -> None:
+        full = ""
+        try:
+            report(state, record)
+        except Exception as e:  # noqa: BLE001 - any other failure is raised as before
+            if not disk_full(e):
+                raise
+            full = f"{type(e).__name__}: {e}"
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            flag = torch.tensor([1.0 if full else 0.0], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if flag.item() > 0 and not full:
+                full = "another rank could not save its checkpoint: no space left on device"
+        if full:
+            raise DiskFullStop(state.epoch, full)
+
+    return guarded
 
 
 def _tell_driver(plan: WorkerPlan, facts: dict[str, Any]) -> None:
@@ -417,7 +469,7 @@ def best_and_last(scratch: StageOutput, run: str, log=lambda msg: None) -> tuple
         chosen = max(hits, key=lambda c: (mine(c), c.run))
     else:  # kept by no run (deleted, or damaged): the best complete one left
         chosen = max(found, key=lambda c: (c.score, c.epoch))
-        log(f"WARNING: the checkpoint of the selected epoch {want} is gone; using epoch {chosen.epoch} "
+        log(f"WARNING: the checkpoint of the selected epoch {'?' if want is None else want + 1} is gone; using epoch {chosen.epoch + 1} "
             f"(val top-1 acc {chosen.score:.3f}), the best complete one left")
     best = last if chosen.uri == latest.uri else _read_state(chosen.uri)
     return best, last

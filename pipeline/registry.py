@@ -13,6 +13,7 @@ errors), so the registry page says how to reproduce the best ensemble too.
 
 from __future__ import annotations
 
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -23,7 +24,7 @@ from mlflow.tracking import MlflowClient
 from pipeline.dag import StageSpec
 from pipeline.storage import StageOutput
 from pipeline.tracking import using_tracking_uri
-from vgg.artifacts import Evaluation, Fusion, MissingArtifact
+from vgg.artifacts import MODEL_FILE, Evaluation, Fusion, MissingArtifact
 
 CHAMPION = "champion"
 SELECTION_MODE = "dense@multi"  # Table 4: multi-scale test, dense
@@ -37,6 +38,7 @@ class Candidate:
     top5: float | None
     data: str  # digest of the validation data (the shard stage's cache key)
     evaluate_run: str
+    model_sha256: str = ""  # of the train stage's published model.pt (its marker)
 
     def beats(self, top1: float, top5: float | None) -> bool:
         mine = (self.top1, self.top5 if self.top5 is not None else 0.0)
@@ -49,7 +51,14 @@ class Registration:
     version: str
     champion: str  # the version the alias points at afterwards
     moved: bool
-    reason: str
+    reason: str  # what was compared, and the outcome
+    new: bool = True  # a new version (False: an existing one holds the same model.pt)
+
+    def line(self) -> str:
+        """The console line of the outcome."""
+        what = (f"registered {self.name} v{self.version}" if self.new
+                else f"{self.name} v{self.version} already holds this model.pt (no new version)")
+        return f"{what}; champion: v{self.champion} ({self.reason})"
 
 
 def model_name(experiment: str, configured: str | None) -> str:
@@ -77,41 +86,48 @@ def candidates(dag: dict[str, StageSpec], outputs: dict[str, StageOutput],
             log(f"registry: {train} has no MLflow model (published by an older version; "
                 f"`--stage {train} --force` logs one): not a candidate")
             continue
+        files = outputs[train].marker.get("files") or {}
         out.append(Candidate(row.net, model_id, row.top1, row.top5, outputs[shard].key,
-                             outputs[sid].marker.get("mlflow_run_id", "")))
+                             outputs[sid].marker.get("mlflow_run_id", ""),
+                             (files.get(MODEL_FILE) or {}).get("sha256", "")))
     return out
 
 
 def register_best(client: MlflowClient, name: str, cands: list[Candidate],
                   fusion: Fusion | None) -> Registration | None:
-    """Register the best candidate (once per model) and move `champion` to it if it is
-    better than the current champion on the same validation data."""
+    """Register the best candidate (a new version only for a model.pt no version holds:
+    a rerun that republishes the same weights adds none) and move `champion` to it if it
+    is better than the current champion on the same validation data."""
     if not cands:
         return None
     best = min(cands, key=lambda c: (c.top1, c.top5 if c.top5 is not None else 0.0))
     _ensure_model(client, name)
-    version = _version_of(client, name, best.model_id) or _register(client, name, best, fusion)
-    version = _one_version(client, name, best.model_id, version)
+    version = _version_of(client, name, best)
+    new = version is None
+    version = _one_version(client, name, best, version or _register(client, name, best, fusion))
+    mode = f"{SELECTION_MODE} top-1 error"
     try:
         champ = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
         champ = None
+    v, mine = version.version, f"{best.top1:.2f}%"
     if champ is None:
-        moved, reason = True, "no champion yet"
-    elif str(champ.version) == str(version.version):
-        moved, reason = False, "already the champion"
+        moved, reason = True, f"no champion yet; v{v}: {best.net}, {mode} {mine}"
+    elif str(champ.version) == str(v):
+        moved, reason = False, f"v{v} is the champion already: {best.net}, {mode} {mine}"
     elif champ.tags.get("val_data") != best.data:
         moved, reason = False, (f"not compared: champion v{champ.version} was evaluated on other "
                                 f"validation data ({champ.tags.get('val_data')} vs {best.data})")
-    elif best.beats(float(champ.tags["top1_err"]), _float(champ.tags.get("top5_err"))):
-        moved, reason = True, f"beats v{champ.version} (top-1 {champ.tags['top1_err']}%)"
     else:
-        moved, reason = False, f"does not beat v{champ.version} (top-1 {champ.tags['top1_err']}%)"
+        theirs = f"{float(champ.tags['top1_err']):.2f}%"
+        moved = best.beats(float(champ.tags["top1_err"]), _float(champ.tags.get("top5_err")))
+        reason = (f"v{v} ({best.net}) {'beats' if moved else 'does not beat'} v{champ.version} "
+                  f"({champ.tags.get('net', '?')}): {mode} {mine} vs {theirs} on the same validation data")
     if moved:
         client.set_registered_model_alias(name, CHAMPION, version.version)
     client.set_model_version_tag(name, version.version, "champion_decision", reason)
     return Registration(name, str(version.version), str(version.version if moved else champ.version),
-                        moved, reason)
+                        moved, reason, new)
 
 
 def _float(text: str | None) -> float | None:
@@ -129,19 +145,25 @@ def _ensure_model(client: MlflowClient, name: str) -> None:
             raise
 
 
-def _version_of(client: MlflowClient, name: str, model_id: str):
-    """The version that already registers this logged model (a rerun reusing the net)."""
-    for mv in client.search_model_versions(f"name = '{name}'"):
-        if mv.tags.get("model_id") == model_id:
-            return mv
-    return None
+def _same(mv, best: Candidate) -> bool:
+    """Whether a version holds the candidate's net: the same model.pt (by sha256; a redo
+    republishes the same weights under a new logged model), or the same logged model."""
+    if best.model_sha256 and mv.tags.get("model_sha256"):
+        return mv.tags["model_sha256"] == best.model_sha256
+    return mv.tags.get("model_id") == best.model_id
 
 
-def _one_version(client: MlflowClient, name: str, model_id: str, mine):
+def _version_of(client: MlflowClient, name: str, best: Candidate):
+    """The version (the lowest) that already holds this net, or None."""
+    same = [mv for mv in client.search_model_versions(f"name = '{name}'") if _same(mv, best)]
+    return min(same, key=lambda mv: int(mv.version)) if same else None
+
+
+def _one_version(client: MlflowClient, name: str, best: Candidate, mine):
     """Two invocations that register the same net at the same instant both find no version
     and both create one: the lowest version of the net is kept and the others deleted, by
     whichever invocation sees them (both agree on which stays). -> the version kept."""
-    same = [mv for mv in client.search_model_versions(f"name = '{name}'") if mv.tags.get("model_id") == model_id]
+    same = [mv for mv in client.search_model_versions(f"name = '{name}'") if _same(mv, best)]
     if len(same) <= 1:
         return mine
     same.sort(key=lambda mv: int(mv.version))
@@ -157,14 +179,31 @@ def _one_version(client: MlflowClient, name: str, model_id: str, mine):
 def _register(client: MlflowClient, name: str, best: Candidate, fusion: Fusion | None):
     tags = {"model_id": best.model_id, "net": best.net, "mode": SELECTION_MODE,
             "top1_err": f"{best.top1:.4f}", "top5_err": "" if best.top5 is None else f"{best.top5:.4f}",
-            "val_data": best.data, "evaluate_run": best.evaluate_run}
+            "val_data": best.data, "evaluate_run": best.evaluate_run,
+            **({"model_sha256": best.model_sha256} if best.model_sha256 else {})}
     if fusion is not None:
         row = fusion.row()
         tags.update({"fusion.members": " + ".join(row.members), "fusion.top1_err": f"{row.top1:.4f}",
                      "fusion.top5_err": "" if row.top5 is None else f"{row.top5:.4f}"})
     # mlflow.register_model (not client.create_model_version): it also links the version to
     # the logged model, so the model's page and the runs table's Models column show it
-    if mlflow.get_tracking_uri() == client.tracking_uri:  # the runner's (do not reset it)
+    with _quiet(), ExitStack() as stack:
+        if mlflow.get_tracking_uri() != client.tracking_uri:  # else the runner's (do not reset it)
+            stack.enter_context(using_tracking_uri(client.tracking_uri))
         return mlflow.register_model(f"models:/{best.model_id}", name, tags=tags)
-    with using_tracking_uri(client.tracking_uri):
-        return mlflow.register_model(f"models:/{best.model_id}", name, tags=tags)
+
+
+@contextmanager
+def _quiet():
+    """Without MLflow's own console lines (`register_model` prints "Registered model ...
+    already exists. Creating a new version" even on a first run, the model created by
+    `_ensure_model`; the outcome is our one line, `Registration.line`)."""
+    from mlflow.utils import logging_utils
+
+    stream = logging_utils.MLFLOW_LOGGING_STREAM
+    before = stream.enabled
+    stream.enabled = False
+    try:
+        yield
+    finally:
+        stream.enabled = before

@@ -61,11 +61,14 @@ def plan_keys(dag: dict[str, StageSpec], store: Store, selected: list[str], hint
               verify: bool = False) -> dict[str, str]:
     """Cache keys of the selected stages; stages outside the selection contribute their
     latest completed output (the contract of `--stage`), which must exist and be intact
-    (`Store.damage`: sizes, and hashes with `verify`)."""
+    (`Store.damage`: sizes, and hashes with `verify`). Every upstream output that is missing
+    or damaged is named in one error, with one command that makes them all."""
     keys: dict[str, str] = {}
     needed = set(selected)
     for sid in selected:
         needed.update(upstream_closure(dag, sid))
+    problems: dict[str, str] = {}  # upstream stage -> what is wrong with its output
+    damaged = False
     for sid in dag:
         if sid not in needed:
             continue
@@ -73,20 +76,34 @@ def plan_keys(dag: dict[str, StageSpec], store: Store, selected: list[str], hint
             keys[sid] = cache_key(dag[sid], keys)
             continue
         latest = store.latest(sid)
-        users = [s for s in selected if sid in dag[s].upstream] or selected
         if latest is None:
-            raise PipelineError(
-                f"stage {', '.join(users)} needs the output of {sid}, which has no completed "
-                f"output in {store.work_dir}; produce it first with "
-                f"`{command(hint, [sid])}` (or run the whole pipeline)"
-            )
+            problems[sid] = f"has no completed output in {store.work_dir}"
+            keys[sid] = ""
+            continue
         bad = store.damage(sid, latest.key, hashes=verify)
         if bad is not None:
-            raise PipelineError(
-                f"stage {', '.join(users)} needs the output of {sid}, which is damaged: {bad}; "
-                f"redo it with `{command(hint, [sid], force=True)}`")
+            problems[sid] = f"is damaged: {bad}"
+            damaged = True
         keys[sid] = latest.key
+    if problems:
+        raise PipelineError(_upstream_problems(dag, selected, problems, damaged, hint, verify))
     return keys
+
+
+def _upstream_problems(dag: dict[str, StageSpec], selected: list[str], problems: dict[str, str],
+                       damaged: bool, hint: tuple[str, ...], verify: bool) -> str:
+    """One line: which selected stages need which missing or damaged outputs, and the one
+    command that makes them all (a run without --force redoes a damaged output: no --force,
+    so a damaged training resumes from its checkpoints rather than starting over)."""
+    users = [s for s in selected if any(u in problems for u in upstream_closure(dag, s))] or selected
+    ids = list(problems)  # in DAG order
+    what = (f"the output of {ids[0]}, which {problems[ids[0]]}" if len(ids) == 1 else
+            f"the outputs of {len(ids)} stages: " + "; ".join(f"{u}, which {problems[u]}" for u in ids))
+    redo = command([*hint, *(["--verify"] if verify and damaged and "--verify" not in hint else [])], ids)
+    why = (" (a run without --force redoes damaged outputs; the whole pipeline, without --stage, "
+           "would too)" if damaged else " (or run the whole pipeline)")
+    return (f"stage {', '.join(users)} needs {what}; {'redo' if damaged else 'produce'} "
+            f"{'it' if len(ids) == 1 else 'them'} with `{redo}`{why}")
 
 
 def other_config(dag: dict[str, StageSpec], store: Store, selected: list[str], keys: dict[str, str]) -> str:
@@ -371,7 +388,7 @@ def _register_best(cfg: PipelineConfig, dag: dict[str, StageSpec], outputs: dict
         return
     mlflow.set_tags({"registry.model": done.name, "registry.version": done.version,
                      "registry.champion": done.champion, "registry.decision": done.reason})
-    _say(f"registered {done.name} v{done.version}; champion: v{done.champion} ({done.reason})")
+    _say(done.line())
 
 
 # ------------------------------------------------------------------ ray

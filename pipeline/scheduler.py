@@ -77,7 +77,8 @@ def schedule(dag: dict[str, StageSpec], selected: list[str], make_job: Callable[
             if error is not None:
                 failures.append((sid, error))
                 now = time.time()
-                record = StageRecord(sid, dag[sid].kind, "", "failed", started=run.started.get(sid, now),
+                began = run.started.get(sid, now)
+                record = StageRecord(sid, dag[sid].kind, "", "failed", now - began, started=began,
                                      ended=now, note=failure_note(error, work_dir)[:500])
                 say(f"  [{sid}] FAILED: {record.note}")
             records[sid] = record
@@ -211,7 +212,7 @@ class _Concurrent:
 
     def start(self, sid: str, job: StageJob) -> None:
         store = Store(job.work_dir)
-        if not job.force and store.is_complete(sid, job.key):  # no task needed to reuse it
+        if not job.force and not job.redo and store.is_complete(sid, job.key):  # no task needed to reuse it
             self.reused.append((sid, reuse(store, job.spec, job.key), None))
             return
         self.started[sid] = time.time()

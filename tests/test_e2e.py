@@ -216,7 +216,8 @@ def test_report_alone_rebuilds_tables_and_claims_from_saved_posteriors(demo, cap
 
 def test_stage_with_missing_upstream_says_how_to_produce_it(tiny_cfg):
     cfg = tiny_cfg(*E2E[len(TINY):])
-    with pytest.raises(PipelineError, match=r"evaluate/A needs the output of shard.*--stage shard"):
+    with pytest.raises(PipelineError, match=r"evaluate/A needs the outputs of 3 stages: shard, which has no "
+                                            r"completed output.*--stage shard augment train/A`"):
         run_pipeline(cfg, ["evaluate/A"])
 
 

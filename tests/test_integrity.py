@@ -264,12 +264,12 @@ def test_a_damaged_upstream_output_stops_a_stage_run_alone_naming_file_and_comma
         msg = str(e.value)
         assert f"needs the output of evaluate/A, which is damaged: {path} is " in msg
         assert "redo it with `python pipeline/run.py --config configs/demo.yaml --set work_dir=" in msg
-        assert msg.endswith(" --stage evaluate/A --force`") and "\n" not in msg
+        assert " --stage evaluate/A` (a run without --force redoes damaged outputs" in msg and "\n" not in msg
     # on the command line: one line, exit 2, no traceback
     capsys.readouterr()
     assert main(["--set", *over, "--stage", "fuse", "--force"]) == 2
     line = _one_error_line(capsys.readouterr().err)
-    assert path in line and "--stage evaluate/A --force" in line
+    assert path in line and "--stage evaluate/A`" in line
 
 
 def test_damaged_weights_stop_an_evaluation_run_alone_before_anything_starts(fused, capsys, no_ray):
@@ -281,7 +281,7 @@ def test_damaged_weights_stop_an_evaluation_run_alone_before_anything_starts(fus
     err = capsys.readouterr().err
     line = _one_error_line(err)
     assert f"evaluate/A needs the output of train/A, which is damaged: {model} is 8192 bytes, 16384 " in line
-    assert line.endswith("--stage train/A --force`") and not no_ray
+    assert "--stage train/A` (a run without --force" in line and not no_ray
 
 
 def test_a_same_size_damage_is_named_when_read_and_caught_before_with_verify(fused, capsys):
@@ -330,7 +330,7 @@ def test_the_missing_upstream_hint_repeats_the_users_config_and_set(tmp_path, ca
     assert main(args) == 2
     line = _one_error_line(capsys.readouterr().err)
     assert (f"`python pipeline/run.py --config {DEMO} --set work_dir={tmp_path / 'w'} train.max_epochs=3 "
-            "--stage shard`") in line
+            "--stage shard augment train/A") in line
 
 
 def test_a_stage_run_alone_on_outputs_of_another_config_says_which_keys_differ(fused, capsys):
@@ -438,3 +438,357 @@ def test_two_invocations_registering_at_the_same_instant_leave_one_version(tmp_p
     versions = client.search_model_versions("name = 'race-best-net'")
     assert [v.version for v in versions] == [1] or [str(v.version) for v in versions] == ["1"]
     assert first.version == second.version == "1" and second.champion == "1"
+
+
+# ================================================================== issue 30: the second pass
+
+
+# ------------------------------------------------------------------ 1. --verify repairs what it finds
+
+
+def test_verify_redoes_a_same_size_change_and_says_no_other_invocation(fused, capsys):
+    cfg, _, store = fused
+    key = store.latest("fuse").key
+    _scramble(store.latest("fuse").join("posteriors", "fused.parquet"))
+    capsys.readouterr()
+    run = run_pipeline(cfg, ["fuse", "report"], verify=True)
+    err = capsys.readouterr().err
+    assert "(sha256 differs); redoing the stage" in err and "another invocation" not in err
+    assert run.status_of("fuse") == "ran" and store.damage("fuse", key, hashes=True) is None  # repaired
+    again = run_pipeline(cfg, ["fuse", "report"], verify=True)
+    assert [r.status for r in again.records] == ["reused", "reused"]
+    assert "damaged" not in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ 2. every damaged upstream at once
+
+
+def test_a_stage_run_alone_names_every_damaged_upstream_with_one_command_that_redoes_them(fused, capsys):
+    import shlex
+
+    from pipeline.cli import parser
+    from pipeline.runner import damaged_outputs, plan_keys
+
+    cfg, over, store = fused
+    model, post = store.latest("train/A").join("model.pt"), _posteriors(store, "A")
+    _truncate(model)
+    _truncate(post)
+    capsys.readouterr()
+    assert main(["--set", *over, "--stage", "fuse"]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert line.startswith("error: stage fuse needs the outputs of 2 stages: train/A, which is damaged: "
+                           f"{model} is 8192 bytes, 16384 when it was published; evaluate/A, which is damaged: "
+                           f"{post} is ")
+    assert "a run without --force redoes damaged outputs" in line
+    cmd = line.split("`")[1]
+    assert cmd.endswith(" --stage train/A evaluate/A") and "--force" not in cmd
+    # the command redoes both: its plan finds them damaged (and its own upstream intact)
+    args = parser().parse_args(shlex.split(cmd)[2:])
+    again = load_config(DEMO, args.overrides)
+    dag = build_dag(again)
+    keys = plan_keys(dag, store, args.stage)
+    assert set(damaged_outputs(store, args.stage, keys, args.force, args.verify)) == {"train/A", "evaluate/A"}
+
+
+def test_missing_upstream_outputs_are_named_together(tmp_path):
+    cfg = load_config(DEMO, [f"work_dir={tmp_path / 'w'}", *TINY])
+    with pytest.raises(PipelineError) as e:
+        run_pipeline(cfg, ["train/A"], hint=["--set", f"work_dir={tmp_path / 'w'}"])
+    msg = str(e.value)
+    assert msg.startswith("stage train/A needs the outputs of 2 stages: shard, which has no completed output")
+    assert "; augment, which has no completed output" in msg
+    assert f"`python pipeline/run.py --set work_dir={tmp_path / 'w'} --stage shard augment`" in msg
+
+
+# ------------------------------------------------------------------ 3. numbers in exponent form
+
+
+@pytest.mark.parametrize("text, value", [("1e-3", 1e-3), ("5E-4", 5e-4), ("1e+2", 100.0), ("2.5E1", 25.0)])
+def test_numbers_in_exponent_form_are_numbers_in_set_and_yaml_for_pipeline_and_ladder(tmp_path, text, value):
+    from vgg.config import load_experiment
+
+    cfg = load_config(DEMO, [f"train.nets.A.lr={text}", f"train.weight_decay={text}"])
+    assert cfg.train.nets["A"].lr == value and cfg.train.weight_decay == value
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text(DEMO.read_text().replace("lr: 0.005", f"lr: {text}", 1))
+    assert f"lr: {text}" in yaml_file.read_text()
+    assert load_config(yaml_file).train.nets["A"].lr == value
+    exp = load_experiment(yaml_file, [f"train.weight_decay={text}"])  # the ladder's loader
+    assert (exp.train.nets["A"].lr, exp.train.weight_decay) == (value, value)
+
+
+def test_the_ladder_reads_exponent_numbers_and_a_non_number_is_named(tmp_path, capsys):
+    from vgg import ladder
+
+    assert ladder.main([str(DEMO), "--cost", "100", "10", "--set", "train.weight_decay=5E-4",
+                        "train.nets.A.lr=1e-3"]) == 0
+    assert "expected a number" not in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"train\.nets\.A\.lr: expected a number, got str 'abc'"):
+        load_config(DEMO, ["train.nets.A.lr=abc"])
+    assert main(["--set", "train.nets.A.lr=1e-3x", "--list"]) == 2
+    assert "expected a number, got str '1e-3x'" in _one_error_line(capsys.readouterr().err)
+
+
+# ------------------------------------------------------------------ 4. registry hygiene
+
+
+@pytest.fixture
+def logged_nets(tmp_path):
+    """An MLflow store with the same net logged twice (two logged models, as a redo that
+    republishes the same weights makes)."""
+    import mlflow
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import tracking
+    from pipeline.stage import NetToLog
+    from vgg.models import build_vgg
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("reg", artifact_location=f"file://{tmp_path}/artifacts")
+    ids = []
+    with tracking.using_tracking_uri(uri):
+        for seed in (0, 0):
+            torch.manual_seed(seed)
+            net = build_vgg("A", num_classes=3, width=0.0625, crop=32)
+            with mlflow.start_run(experiment_id=exp):
+                ids.append(tracking.log_net(NetToLog(net, np.zeros((1, 3, 32, 32), np.float32), {}, {}), None))
+    return uri, client, ids
+
+
+def test_the_registry_adds_a_version_only_for_another_model_pt_and_says_what_it_compared(logged_nets, capfd):
+    from pipeline import registry
+    from pipeline.tracking import using_tracking_uri
+
+    uri, client, ids = logged_nets
+    name = "reg-best-net"
+    cand = lambda i, sha, top1: registry.Candidate("A", ids[i], top1, 20.0, "shardkey", "", sha)  # noqa: E731
+    capfd.readouterr()
+    with using_tracking_uri(uri):
+        first = registry.register_best(client, name, [cand(0, "a" * 64, 30.0)], None)
+        out = capfd.readouterr()
+        assert "already exists" not in out.err + out.out and (first.version, first.new) == ("1", True)
+        assert first.line() == (f"registered {name} v1; champion: v1 (no champion yet; v1: A, "
+                                "dense@multi top-1 error 30.00%)")
+        # a redo republished the same model.pt under a new logged model: no new version
+        redo = registry.register_best(client, name, [cand(1, "a" * 64, 30.0)], None)
+        assert (redo.version, redo.new, redo.moved) == ("1", False, False)
+        assert redo.line().startswith(f"{name} v1 already holds this model.pt (no new version); champion: v1")
+        better = registry.register_best(client, name, [cand(0, "b" * 64, 25.0)], None)  # another model.pt
+    assert (better.version, better.new, better.champion) == ("2", True, "2")
+    assert better.reason == ("v2 (A) beats v1 (A): dense@multi top-1 error 25.00% vs 30.00% on the same "
+                             "validation data")
+    assert [str(v.version) for v in client.search_model_versions(f"name = '{name}'")] in (["2", "1"], ["1", "2"])
+
+
+# ------------------------------------------------------------------ 5. one numbering of epochs
+
+
+def test_every_epoch_message_counts_finished_epochs_as_the_progress_lines_do(tmp_path):
+    import torch
+
+    from pipeline.ray_train import MANIFEST_FILE, STATE_FILE, best_and_last
+    from pipeline.storage import StageOutput
+    from tests.test_loop import OPTS, Batches, state_of, tiny_net
+    from vgg.training.loop import fit
+
+    said: list[str] = []
+    fit(state_of(tiny_net()), Batches(1), Batches(1, seed=1), OPTS, start=2, say=said.append)
+    assert said[0].endswith("epochs 3..4 of 4") and [x.split(" loss")[0] for x in said[1:]] == [
+        "epoch 3/4", "epoch 4/4"]
+    said.clear()
+    fit(state_of(tiny_net()), Batches(1), Batches(1, seed=1), OPTS, start=4, say=said.append)
+    assert said == [said[0]] and said[0].endswith("all 4 epochs done, none left to train")
+    # the best epoch's checkpoint is gone: the warning counts as the progress lines do
+    run = tmp_path / "ray_train-1"
+    for epoch, score in ((1, 0.4), (2, 0.3)):  # 0-based epochs 1 and 2: the 2nd and 3rd
+        d = run / f"epoch_{epoch:04d}"
+        d.mkdir(parents=True)
+        data = __import__("io").BytesIO()
+        torch.save({"epoch": epoch, "progress": {"best": {"epoch": 0}, "history": []}}, data)
+        (d / STATE_FILE).write_bytes(data.getvalue())
+        (d / MANIFEST_FILE).write_text(json.dumps({"bytes": len(data.getvalue()), "epoch": epoch, "val_top1_acc": score,
+                                                   "sha256": __import__("hashlib").sha256(data.getvalue()).hexdigest()}))
+    import pyarrow.fs as pafs
+
+    logged: list[str] = []
+    best_and_last(StageOutput("train/A", "k", pafs.LocalFileSystem(), str(tmp_path), str(tmp_path)), "ray_train-1",
+                  logged.append)
+    assert logged == ["WARNING: the checkpoint of the selected epoch 1 is gone; using epoch 2 (val top-1 acc "
+                      "0.400), the best complete one left"]
+
+
+# ------------------------------------------------------------------ 6. a failed stage's duration
+
+
+def test_a_failed_stage_has_its_real_duration_in_the_summary(tmp_path, monkeypatch, capsys):
+    from pipeline import scheduler
+    from pipeline.cli import print_summary
+    from pipeline.runner import PipelineRun
+
+    cfg = load_config(DEMO, [f"work_dir={tmp_path}", *TINY])
+    dag = build_dag(cfg)
+
+    def slow_failure(job, in_task=False):
+        time.sleep(0.3)
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(scheduler, "run_stage", slow_failure)
+    outcome = scheduler.schedule(dag, ["shard", "augment"], lambda sid: sid, 1, use_ray=False,
+                                 on_done=lambda sid: None)
+    shard, augment = outcome.records
+    assert shard.status == "failed" and 0.3 <= shard.seconds < 5
+    assert shard.seconds == pytest.approx(shard.ended - shard.started)
+    assert (augment.status, augment.seconds) == ("blocked", 0.0)
+    print_summary(PipelineRun("r", "e", "sqlite:///x", outcome.records))
+    row = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("shard"))
+    assert row.split()[4] == f"{shard.seconds:.1f}" != "0.0"
+
+
+# ------------------------------------------------------------------ 7. divergence advice
+
+
+def test_the_divergence_line_names_the_key_to_lower_and_no_force(tmp_path):
+    from stages.train import diverged_message
+
+    cfg = load_config(DEMO, [f"work_dir={tmp_path}", "train.nets.A.lr=1000"])
+    section = build_dag(cfg)["train/A"].section
+    line = diverged_message("train/A", section, {"epoch": 2, "step": 31, "lr": 1000.0,
+                                                 "reason": "training loss 9.7e+35 is above 16.1"})
+    assert line.startswith("train/A: training diverged at epoch 2, step 31 (lr 1000): training loss 9.7e+35")
+    assert "--force" not in line.replace("no --force needed", "")
+    assert line.endswith("(train.nets.A.lr = 1000; e.g. --set train.nets.A.lr=100: another lr is another cache "
+                         "key, so the stage trains afresh, no --force needed)")
+
+
+# ------------------------------------------------------------------ 9. traceback files beside the run
+
+
+def test_a_traceback_file_goes_under_the_work_dir_and_the_line_names_it(fused, capsys, tmp_path, monkeypatch):
+    cfg, over, store = fused
+    _scramble(_posteriors(store, "A"))
+    temp = tmp_path / "system-temp"
+    temp.mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(temp))
+    capsys.readouterr()
+    assert main(["--set", *over, "--stage", "fuse", "--force"]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    path = line.split("(traceback: ")[1].split(";")[0]
+    assert os.path.dirname(path) == os.path.join(cfg.work_dir, "logs") and "DamagedOutput" in open(path).read()
+    assert not os.listdir(temp)
+    # the work_dir is the problem (a full disk there): the system's temporary folder
+    from pipeline.cli import _save_traceback
+
+    assert os.path.dirname(_save_traceback(OSError(28, "No space left on device"), None)) == str(temp)
+
+
+# ------------------------------------------------------------------ 8. a full disk
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MB tmpfs (root and mount rights needed; skipped otherwise)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip() or res.returncode}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def _checkpoint(folder, epoch: int, payload: bytes = b"") -> None:
+    """A complete checkpoint folder as the workers write it (state file and manifest)."""
+    import hashlib
+    import io
+
+    import torch
+
+    from pipeline.ray_train import MANIFEST_FILE, STATE_FILE
+
+    folder.mkdir(parents=True)
+    buf = io.BytesIO()
+    torch.save({"epoch": epoch, "pad": payload}, buf)
+    data = buf.getvalue()
+    (folder / STATE_FILE).write_bytes(data)
+    (folder / MANIFEST_FILE).write_text(json.dumps({"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                                                    "epoch": epoch, "val_top1_acc": 0.5}))
+
+
+def _fill(path) -> OSError:
+    """Write `path` until the disk is full; -> the real ENOSPC error."""
+    with open(path, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError as e:
+            return e
+
+
+def test_a_full_disk_stops_every_rank_without_retry_and_removes_only_the_partial_checkpoint(small_disk):
+    from types import SimpleNamespace
+
+    from pipeline.ray_train import OUTCOME_SUFFIX, DiskFullStop, stop_on_full_disk
+    from pipeline.storage import disk_full
+
+    run = small_disk / "ray_train-1"
+    _checkpoint(run / "epoch_0000", 0)
+    partial = run / "epoch_0001"
+    partial.mkdir()
+
+    def report(state, record):  # Ray Train's upload of the epoch's checkpoint, on a full disk
+        raise _fill(partial / "state.pt")
+
+    state = SimpleNamespace(epoch=1)
+    with pytest.raises(DiskFullStop) as e:
+        stop_on_full_disk(report, None)(state, {})
+    assert disk_full(OSError(28, e.value.cause)) and "No space left on device" in e.value.cause
+    facts = e.value.facts(SimpleNamespace(outcome_uri=str(run) + OUTCOME_SUFFIX))
+    assert facts["epoch"] == 2 and "No space left" in facts["disk_full"]
+    assert sorted(os.listdir(run)) == ["epoch_0000"]  # the partial one gone, the complete one kept
+
+    def other(state, record):
+        raise ValueError("not a disk")
+
+    with pytest.raises(ValueError, match="not a disk"):  # anything else is raised as before (Ray retries)
+        stop_on_full_disk(other, None)(state, {})
+
+
+def test_a_full_disk_in_training_is_one_line_saying_the_space_needed(small_disk, tmp_path):
+    import pyarrow.fs as pafs
+
+    from pipeline.stage import StageContext, TrackingInfo
+    from pipeline.storage import StageOutput, disk_full
+    from stages.train import no_space
+    from vgg.models import build_vgg
+
+    scratch = small_disk / "scratch"
+    _checkpoint(scratch / "ray_train-1" / "epoch_0002", 2, b"x" * 300_000)
+    partial = scratch / "ray_train-2" / "epoch_0003"
+    partial.mkdir(parents=True)
+    assert disk_full(_fill(partial / "state.pt"))
+    fs = pafs.LocalFileSystem()
+    ctx = StageContext("train/A", StageOutput("train/A", "k", fs, str(tmp_path), str(tmp_path)), TrackingInfo("", "", ""),
+                       "k", StageOutput("train/A", "k", fs, str(scratch), str(scratch)))
+    cfg = load_config(DEMO, [f"work_dir={tmp_path}", "train.keep_checkpoints=2"])
+    err = no_space(ctx, build_dag(cfg)["train/A"].section, build_vgg("A", num_classes=3, width=0.0625, crop=32))
+    line = str(err)
+    assert line.startswith(f"no space left on the device holding {scratch}: train/A needs about ")
+    assert "(3 checkpoints of 0.3 MB, model.pt and its MLflow copy " in line and " free. Partial checkpoints removed" in line
+    assert line.endswith("run the same command again: the rerun resumes after epoch 3") and "\n" not in line
+    assert not partial.exists() and (scratch / "ray_train-1" / "epoch_0002" / "state.pt").exists()
+    assert err.keep_traceback is False
+
+
+def test_workers_lines_about_a_full_disk_are_hidden_the_rest_shown():
+    from pipeline.console import LineFilter
+
+    lines = LineFilter()
+    data = {"pid": 7, "ip": "127.0.0.1"}
+    for text in ("OSError: [Errno 28] No space left on device: '/w/stages/train/A/_scratch/k/ray_train-1'",
+                 "2026-12-04 20:00:00,000 ERROR checkpoint upload failed: No space left on device",
+                 "sqlite3.OperationalError: database or disk is full"):
+        assert lines.kind(data, text) is None, text
+    assert lines.kind(data, "RuntimeError: something else") == "trouble"

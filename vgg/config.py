@@ -27,6 +27,22 @@ from vgg.errors import UserError
 from vgg.paper import ARCHS, jitter_at, parse_member, parse_mode, parse_scale
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading numbers as YAML 1.2 does: `1e-3`, `5E-4` and `1e+2` are
+    floats (YAML 1.1, PyYAML's default, wants a dot and a signed exponent, `1.0e-3`, and reads
+    the others as strings)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader
+
+
 class ConfigError(UserError, ValueError):
     """A configuration problem, reported as '<source>: <dotted.key>: <what is wrong>'."""
 
@@ -497,7 +513,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return value
     if tp is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        _check(ok, key, f"expected a number, got {value!r}")
+        _check(ok, key, f"expected a number, got {type(value).__name__} {value!r}")
         _check(math.isfinite(value), key, f"must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
@@ -537,7 +553,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not key:
         raise ConfigError(f"--set {text}: empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = _yaml(raw) if raw.strip() else None
     except yaml.YAMLError as e:
         raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {e}") from None
     return key, value
@@ -571,7 +587,7 @@ def load_yaml(path: str | os.PathLike, overrides: list[str] | tuple[str, ...], c
     if not path.is_file():
         raise ConfigError(f"{source}: config file not found")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = _yaml(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{source}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):

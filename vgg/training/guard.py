@@ -77,4 +77,4 @@ def message(stage: str, epoch: int, step: int | None, lr: float, reason: str) ->
     """The one-line failure of a diverged train stage. `epoch` and `step` count from 1."""
     where = f"epoch {epoch}" + (f", step {step}" if step is not None else "")
     return (f"{stage}: training diverged at {where} (lr {lr:g}): {reason}; nothing is "
-            f"published. Lower this net's lr and re-run the stage with --force")
+            f"published. Lower this net's lr and re-run")

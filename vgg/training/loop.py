@@ -195,7 +195,7 @@ def fit(state: TrainState, loader, val_loader, opts: FitOptions, *, start: int =
     say = say or (_say(opts.name) if rank == 0 else (lambda msg: None))
     steps = _all(comm, len(loader), "max", device)  # ranks with a smaller share pad with empty steps
     say(f"{comm.world} worker(s) x batch {opts.per_worker_batch}, {steps} steps/epoch, "
-        f"epochs {start}..{opts.epochs - 1}")
+        + epochs_left(start, opts.epochs))
     for epoch in range(start, opts.epochs):
         torch.manual_seed(epoch_seed(opts.seed, epoch, rank))  # dropout: (seed, epoch, rank) only
         t0 = time.perf_counter()
@@ -341,6 +341,14 @@ def epoch_record(epoch: int, lr: float, train: torch.Tensor, val: torch.Tensor,
         rec["val_health"] = dataclasses.asdict(
             health_of(np.asarray(val[1 + len(TOPK):].tolist()).reshape(5, num_classes)))
     return rec
+
+
+def epochs_left(start: int, epochs: int) -> str:
+    """The epochs a run trains, counted from 1 as the progress lines count them (`epoch 3/3`
+    is the third); `start` epochs are done already."""
+    if start >= epochs:
+        return f"all {epochs} epochs done, none left to train"
+    return f"epochs {start + 1}..{epochs} of {epochs}" if start else f"epochs 1..{epochs}"
 
 
 def epoch_line(r: dict[str, Any], epochs: int) -> str:
