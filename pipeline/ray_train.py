@@ -34,7 +34,7 @@ import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 import ray.train
@@ -45,7 +45,8 @@ from mlflow.tracking import MlflowClient
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from pipeline.storage import StageOutput, disk_full, exists, read_bytes, resolve_uri, write_json
+from pipeline.errors import TrackingServerLost, UserError
+from pipeline.storage import StageOutput, disk_full, exists, is_local, read_bytes, resolve_uri, write_json
 from pipeline.system_metrics import SystemMetrics, sampling
 from vgg.config import NetPlan, TrainConfig, to_dict
 from vgg.data.augmentation import AugmentSpec
@@ -56,8 +57,13 @@ from vgg.training.checkpoints import (MANIFEST_FILE, STATE_FILE, check_checkpoin
                                        read_weights, write_checkpoint)
 from vgg.training.loop import (EPOCH_METRICS, SCORE, FitOptions, TorchDistributed, TrainCallback,
                                TrainState, fit)
+from vgg.training import guard
 from vgg.training.schedule import schedule_of
 from vgg.training.steps import Precision, describe_choice
+
+if TYPE_CHECKING:
+    from pipeline.dag import TrainSection
+    from pipeline.stage import StageContext
 
 RUN_PREFIX = "ray_train"  # each run of the stage: <scratch>/ray_train-<time>-<token>/epoch_NNNN/
 OUTCOME_SUFFIX = ".outcome.json"  # <scratch>/<run name>.outcome.json: see _tell_driver
@@ -473,3 +479,81 @@ def best_and_last(scratch: StageOutput, run: str, log=lambda msg: None) -> tuple
             f"(val top-1 acc {chosen.score:.3f}), the best complete one left")
     best = last if chosen.uri == latest.uri else _read_state(chosen.uri)
     return best, last
+
+
+# ---------------------------------------------------------------- what the driver makes of the workers' outcome
+class TrainingDiverged(UserError, RuntimeError):
+    """The loss or the weights broke the divergence guard (`vgg.training.guard`): nothing is
+    published."""
+
+
+def check_outcome(outcome: dict[str, Any], config: TrainSection, ctx: StageContext) -> None:
+    """What the workers told the driver: a lost tracking server, or a divergence."""
+    if outcome.get("mlflow_failed"):
+        raise TrackingServerLost(
+            f"{ctx.stage_id}: training finished, but logging its epochs to the MLflow tracking "
+            f"server {ctx.tracking.tracking_uri} failed ({outcome['mlflow_failed']}); "
+            "nothing is published. Start the server again and re-run: the stage resumes from "
+            "its last checkpoint and logs the epochs again")
+    if outcome.get("diverged"):
+        raise TrainingDiverged(diverged_message(ctx.stage_id, config, outcome))
+
+
+def diverged_message(stage_id: str, config: TrainSection, outcome: dict[str, Any]) -> str:
+    """The one line of a divergence: where, why, and the key to lower (no --force needed:
+    another lr is another cache key, so the stage trains afresh)."""
+    key, lr = f"train.nets.{config.name}.lr", config.net.lr
+    return (guard.message(stage_id, outcome["epoch"], outcome["step"], outcome["lr"], outcome["reason"])
+            + f" ({key} = {lr:g}; e.g. --set {key}={lr / 10:g}: another lr is another cache key, so "
+            "the stage trains afresh, no --force needed)")
+
+
+class NoSpace(UserError, RuntimeError):
+    """The disk holding work_dir filled up during training: the line says how much the
+    stage needs; partial checkpoints are removed, complete ones kept for the resume."""
+
+    keep_traceback = False
+
+
+def no_space(ctx: StageContext, config: TrainSection, net: torch.nn.Module) -> NoSpace:
+    """After a full disk stopped training: remove the partial checkpoints (the complete ones
+    stay: the rerun resumes from the newest); -> the error saying what the stage needs."""
+    found, skipped = scan_checkpoints(ctx.scratch)
+    for uri, _ in skipped:
+        fs, path = resolve_uri(uri)
+        if exists(fs, path):
+            fs.delete_dir(path)
+    weights = sum(t.numel() * t.element_size() for t in net.state_dict().values())
+    sizes = [read_bytes_size(c.uri) for c in found]
+    checkpoint = max(sizes) if sizes else 2 * weights  # the weights and SGD's momentum
+    keep = config.train.keep_checkpoints + 1  # the best `keep_checkpoints` and the latest
+    need = keep * checkpoint + 2 * weights  # and model.pt, and its copy as an MLflow model
+    free = free_bytes(ctx.scratch.path) if is_local(ctx.scratch.fs) else None
+    resume = f"the rerun resumes after epoch {found[0].epoch + 1}" if found else "the rerun starts over"
+    return NoSpace(
+        f"no space left on the device holding {ctx.scratch.uri}: {ctx.stage_id} needs about {_mb(need)} "
+        f"({keep} checkpoints of {_mb(checkpoint)}, model.pt and its MLflow copy {_mb(2 * weights)}), "
+        f"{_mb(sum(sizes))} of it in the complete checkpoints it keeps"
+        + (f"; {_mb(free)} free" if free is not None else "")
+        + f". Partial checkpoints removed; free some space (or move work_dir) and run the same command "
+        f"again: {resume}")
+
+
+def read_bytes_size(folder_uri: str) -> int:
+    fs, path = resolve_uri(folder_uri)
+    return fs.get_file_info(f"{path}/{STATE_FILE}").size or 0
+
+
+def free_bytes(path: str) -> int | None:
+    import shutil
+
+    while path and not os.path.exists(path):
+        path = os.path.dirname(path)
+    try:
+        return shutil.disk_usage(path or "/").free
+    except OSError:
+        return None
+
+
+def _mb(n: float) -> str:
+    return f"{n / 2**20:.1f} MB"

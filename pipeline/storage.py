@@ -20,7 +20,6 @@ hashes), so a file damaged since (truncated, overwritten, deleted) is noticed.
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import posixpath
 import socket
@@ -29,20 +28,20 @@ import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import filelock
 import pyarrow.fs as pafs
 
 from pipeline.errors import UserError
 from vgg.storage import StageOutput as _Output
-from vgg.storage import exists, is_local, read_bytes, read_json, resolve_uri, to_uri, write_bytes, write_json
+from vgg.storage import (HASH, MARKER, digest, exists, file_records, file_sizes, is_local, read_bytes, read_json,  # noqa: F401
+                         resolve_uri, to_uri, write_bytes, write_json)
 
 __all__ = ["MARKER", "Damage", "DamagedOutput", "StageOutput", "Store", "WorkDirError", "check_work_dir",
            "digest", "disk_full", "exists", "file_records", "file_sizes", "is_local", "no_space",
            "read_bytes", "read_json", "resolve_uri", "to_uri", "write_bytes", "write_json"]
 
-MARKER = "_SUCCESS.json"
 
 
 def disk_full(e: BaseException) -> bool:
@@ -97,35 +96,6 @@ def check_work_dir(work_dir: str, write: bool = True) -> None:
         raise WorkDirError(f"work_dir {work_dir} is not writable ({reason}"
                            f"{f': {e.filename}' if e.filename and os.path.dirname(str(e.filename)) != root else ''}): "
                            "choose a writable work_dir (--set work_dir=PATH)") from None
-
-
-#: Content hash of the files of a published output, recorded in its marker.
-HASH = "sha256"
-
-
-def digest(fs: pafs.FileSystem, path: str, chunk: int = 1 << 20) -> str:
-    """sha256 of a file, streamed."""
-    h = hashlib.sha256()
-    with fs.open_input_stream(path) as f:
-        while True:
-            block = f.read(chunk)
-            if not block:
-                return h.hexdigest()
-            h.update(block)
-
-
-def file_sizes(fs: pafs.FileSystem, root: str) -> dict[str, int]:
-    """Every file under `root` (relative POSIX path) -> its size."""
-    if not exists(fs, root):
-        return {}
-    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-    return {posixpath.relpath(i.path, root): i.size for i in infos if i.type == pafs.FileType.File}
-
-
-def file_records(fs: pafs.FileSystem, root: str) -> dict[str, dict[str, Any]]:
-    """Every file under `root` -> {"size", "sha256"}: what `Store.damage` checks at reuse."""
-    return {name: {"size": size, HASH: digest(fs, posixpath.join(root, name))}
-            for name, size in sorted(file_sizes(fs, root).items())}
 
 
 class DamagedOutput(UserError, RuntimeError):

@@ -20,24 +20,18 @@ import torch
 
 from pipeline.config import NetPlan, to_dict
 from pipeline.dag import TrainInputs, TrainSection
-from pipeline.errors import TrackingServerLost, UserError
 from pipeline.stage import NetToLog, StageContext, StageResult
-from pipeline.storage import disk_full, exists, is_local, resolve_uri, write_bytes, write_json
+from pipeline.storage import disk_full, is_local, write_bytes, write_json
 from vgg.artifacts import HISTORY_FILE, INIT_FILE, MODEL_FILE, DatasetRef, split_dataset, write_model
 from vgg.models import VGG
 from vgg.results.metrics import Health
 from vgg.training.checkpoints import import_weights, initial_model, write_init_weights
-from vgg.training import guard
 from vgg.training.curves import plot_curves
-from pipeline.ray_train import (SavedCheckpoint, TrainCallback, WorkerPlan, best_and_last, fit_trainer,
-                                 new_run_name, outcome_uri, read_outcome, scan_checkpoints, trainer)
+from pipeline.ray_train import (NoSpace, SavedCheckpoint, TrainCallback, TrainingDiverged, WorkerPlan,  # noqa: F401
+                                 best_and_last, check_outcome, diverged_message, fit_trainer, free_bytes,
+                                 new_run_name, no_space, outcome_uri, read_outcome, scan_checkpoints, trainer)
 
 CURVES_FILE = "learning_curves.png"
-
-
-class TrainingDiverged(UserError, RuntimeError):
-    """The loss or the weights broke the divergence guard (`vgg.training.guard`): nothing is
-    published."""
 
 
 def run(config: TrainSection, inputs: TrainInputs, ctx: StageContext,
@@ -77,10 +71,10 @@ def run(config: TrainSection, inputs: TrainInputs, ctx: StageContext,
     outcome = read_outcome(plan.outcome_uri)
     if outcome.get("disk_full") or disk_full(RuntimeError(outcome.get("mlflow_failed") or "")):
         raise no_space(ctx, config, net)
-    _check_outcome(outcome, config, ctx)
+    check_outcome(outcome, config, ctx)
     best_state, last_state = best_and_last(ctx.scratch, run_name, ctx.log)
     if last_state["epoch"] + 1 < epochs:  # stopped early, and no outcome said why: publish nothing
-        free = _free_bytes(ctx.scratch.path) if is_local(ctx.scratch.fs) else None
+        free = free_bytes(ctx.scratch.path) if is_local(ctx.scratch.fs) else None
         if free is not None and free < (1 << 20):
             raise no_space(ctx, config, net)
         raise RuntimeError(f"{ctx.stage_id}: training stopped after epoch {last_state['epoch'] + 1} of "
@@ -121,80 +115,6 @@ def _resume_point(ctx: StageContext) -> SavedCheckpoint | None:
     if found:
         ctx.log(f"resuming after epoch {found[0].epoch + 1} from {found[0].uri} (checkpoint folders count from 0)")
     return found[0] if found else None
-
-
-class NoSpace(UserError, RuntimeError):
-    """The disk holding work_dir filled up during training: the line says how much the
-    stage needs; partial checkpoints are removed, complete ones kept for the resume."""
-
-    keep_traceback = False
-
-
-def no_space(ctx: StageContext, config: TrainSection, net: torch.nn.Module) -> NoSpace:
-    """After a full disk stopped training: remove the partial checkpoints (the complete ones
-    stay: the rerun resumes from the newest); -> the error saying what the stage needs."""
-    found, skipped = scan_checkpoints(ctx.scratch)
-    for uri, _ in skipped:
-        fs, path = resolve_uri(uri)
-        if exists(fs, path):
-            fs.delete_dir(path)
-    weights = sum(t.numel() * t.element_size() for t in net.state_dict().values())
-    sizes = [read_bytes_size(c.uri) for c in found]
-    checkpoint = max(sizes) if sizes else 2 * weights  # the weights and SGD's momentum
-    keep = config.train.keep_checkpoints + 1  # the best `keep_checkpoints` and the latest
-    need = keep * checkpoint + 2 * weights  # and model.pt, and its copy as an MLflow model
-    free = _free_bytes(ctx.scratch.path) if is_local(ctx.scratch.fs) else None
-    resume = f"the rerun resumes after epoch {found[0].epoch + 1}" if found else "the rerun starts over"
-    return NoSpace(
-        f"no space left on the device holding {ctx.scratch.uri}: {ctx.stage_id} needs about {_mb(need)} "
-        f"({keep} checkpoints of {_mb(checkpoint)}, model.pt and its MLflow copy {_mb(2 * weights)}), "
-        f"{_mb(sum(sizes))} of it in the complete checkpoints it keeps"
-        + (f"; {_mb(free)} free" if free is not None else "")
-        + f". Partial checkpoints removed; free some space (or move work_dir) and run the same command "
-        f"again: {resume}")
-
-
-def read_bytes_size(folder_uri: str) -> int:
-    from pipeline.ray_train import STATE_FILE
-
-    fs, path = resolve_uri(folder_uri)
-    return fs.get_file_info(f"{path}/{STATE_FILE}").size or 0
-
-
-def _free_bytes(path: str) -> int | None:
-    import shutil
-
-    while path and not os.path.exists(path):
-        path = os.path.dirname(path)
-    try:
-        return shutil.disk_usage(path or "/").free
-    except OSError:
-        return None
-
-
-def _mb(n: float) -> str:
-    return f"{n / 2**20:.1f} MB"
-
-
-def _check_outcome(outcome: dict[str, Any], config: TrainSection, ctx: StageContext) -> None:
-    """What the workers told the driver: a lost tracking server, or a divergence."""
-    if outcome.get("mlflow_failed"):
-        raise TrackingServerLost(
-            f"{ctx.stage_id}: training finished, but logging its epochs to the MLflow tracking "
-            f"server {ctx.tracking.tracking_uri} failed ({outcome['mlflow_failed']}); "
-            "nothing is published. Start the server again and re-run: the stage resumes from "
-            "its last checkpoint and logs the epochs again")
-    if outcome.get("diverged"):
-        raise TrainingDiverged(diverged_message(ctx.stage_id, config, outcome))
-
-
-def diverged_message(stage_id: str, config: TrainSection, outcome: dict[str, Any]) -> str:
-    """The one line of a divergence: where, why, and the key to lower (no --force needed:
-    another lr is another cache key, so the stage trains afresh)."""
-    key, lr = f"train.nets.{config.name}.lr", config.net.lr
-    return (guard.message(stage_id, outcome["epoch"], outcome["step"], outcome["lr"], outcome["reason"])
-            + f" ({key} = {lr:g}; e.g. --set {key}={lr / 10:g}: another lr is another cache key, so "
-            "the stage trains afresh, no --force needed)")
 
 
 def collapse_tags(h: Health, net_plan: NetPlan, log) -> dict[str, str]:

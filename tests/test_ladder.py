@@ -204,9 +204,10 @@ def test_a_rerun_reuses_verified_outputs_and_redoes_a_damaged_one(resumed):
     (["--out", "FILE"], "--out {tmp}/file: {tmp}/file is a file, not a directory"),
     (["--out", "FILE/sub"], "--out {tmp}/file/sub: {tmp}/file is a file, not a directory"),
     (["--data", "MISSING"], "--data {tmp}/missing: does not exist"),
-    (["--set", "train.nets.A.lr=fast"], "train.nets.A.lr: expected a number, got 'fast'"),
+    (["--set", "train.nets.A.lr=fast"], "train.nets.A.lr: expected a number, got str 'fast'"),
     (["--set", "fuse.members=[X:dense@single]"], "fuse.members: 'X:dense@single': net 'X' is not in train.nets"),
-    (["--set", "train.nets.B.weights=/w.pt"], "train.nets.B.weights: importing released weights is the pipeline's"),
+    (["--set", "train.nets.A.weights=/w.pt", "train.nets.A.init=random"],
+     "train.nets.A.weights: importing released weights is the pipeline's"),
 ])
 def test_bad_arguments_stop_before_any_training_in_one_line(tmp_path, args, says):
     (tmp_path / "file").write_text("not a folder")
@@ -243,7 +244,7 @@ def test_imagenette_cpu_is_one_plan_through_both_entry_points(tmp_path):
     _folder(tmp_path / "data", classes=2, train=4, val=2)
     cmd = [sys.executable, "-m", "vgg.ladder", str(path), "--data", str(tmp_path / "data"), "--out",
            str(tmp_path / "out"), "--device", "cpu", "--set", "augment.crop=32", "train.width=0.125",
-           "train.batch_size=8", "evaluate.grid=1", "evaluate.batch_size=8", "report.bootstrap_samples=50",
+           "train.batch_size=8", "evaluate.grid=1", "evaluate.batch_size=8", "report.bootstrap_samples=100",
            "fuse.members=[]", "train.nets={A: {arch: A, scale: 37, epochs: 1, init: glorot}}"]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]

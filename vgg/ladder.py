@@ -51,7 +51,7 @@ from typing import Any
 
 import torch
 
-from vgg.artifacts import (HISTORY_FILE, MODEL_FILE, Evaluation, Fusion, write_evaluation, write_fusion, write_model,
+from vgg.artifacts import (HISTORY_FILE, MODEL_FILE, ROWS_FILE, Evaluation, Fusion, write_evaluation, write_fusion, write_model,
                            write_report)
 from vgg.config import ExperimentConfig, NetPlan, load_experiment, to_dict
 from vgg.data.augmentation import AugmentSpec, spec_from_config
@@ -532,7 +532,7 @@ def report_only(cfg: ExperimentConfig, out_dir: str, say=_say) -> dict[str, Any]
     keeps its nets and gets the new verdicts."""
     t, e = cfg.train, cfg.evaluate
     names = [n for n in plan_order(t.nets) if n in set(e.nets if e.nets is not None else t.nets)]
-    missing = [n for n in names if not os.path.isfile(os.path.join(out_dir, "evaluate", n, "rows.json"))]
+    missing = [n for n in names if not os.path.isfile(os.path.join(out_dir, "evaluate", n, ROWS_FILE))]
     if missing:
         raise LadderError(f"--report-only: no evaluation of {', '.join(missing)} in {out_dir}; run the ladder")
     evaluations = {n: Evaluation(StageOutput.at(os.path.join(out_dir, "evaluate", n))) for n in names}

@@ -390,6 +390,8 @@ class EvalLoader(_Loader):
             images, labels = out["images"], out["labels"].reshape(-1)
             if self.spec.channels_last and self.mode == "center":  # the ROI pipeline's HWC
                 images = images.permute(0, 3, 1, 2)  # (B, C, H, W) view, NHWC memory
+            elif self.spec.channels_last:  # the whole-image pipeline gives CHW: NHWC memory here
+                images = images.contiguous(memory_format=torch.channels_last)
             if self.mode == "multicrop":
                 images = grid_crops(images, self.spec.crop, self.grid, self.flips)
             yield images, labels, [keys.pop(r) for r in rows]
