@@ -30,6 +30,10 @@ class KillAt(TrainCallback):
             return
         with open(self.marker, "w") as f:
             f.write(f"killed pid {os.getpid()} at epoch {epoch} step {step} rank {rank}\n")
+        # Ray Train's controller collects a reported checkpoint at its next poll (0.2 s in the
+        # tests): a worker killed sooner after the report dies before Ray knows the checkpoint,
+        # and the restart starts over (bf16 steps at toy size come that fast). Wait past a poll.
+        time.sleep(1.0)
         os.kill(os.getpid(), signal.SIGKILL)
 
 
