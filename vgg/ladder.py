@@ -277,7 +277,7 @@ def run_ladder(cfg: ExperimentConfig, data_root: str, out_dir: str, device: torc
                 t1 = time.perf_counter()
                 names = _evaluate(cfg, name, plan, net, classes, spec, val_set, eout, device)
                 publish(eout, ekey, names, seconds=time.perf_counter() - t1)
-                clock.done(name, "evaluate", time.perf_counter() - t1)
+                clock.evaluated(name, time.perf_counter() - t1)
                 emarker = eout.read_json(MARKER)
             evaluations[name] = Evaluation(eout)
             entry["evaluate_seconds"] = emarker.get("seconds")
@@ -353,12 +353,9 @@ class LadderClock:
         self.flop["train"] += flop
         self.seconds["train"] += seconds
 
-    def done(self, net: str, what: str, seconds: float) -> None:
-        flop = self.left.pop((net, what), 0.0)
-        if what == "evaluate":
-            self.flop[what] += flop
-            self.seconds[what] += seconds
-        return None
+    def evaluated(self, net: str, seconds: float) -> None:
+        self.flop["evaluate"] += self.left.pop((net, "evaluate"), 0.0)
+        self.seconds["evaluate"] += seconds
 
     def rate(self, what: str) -> float | None:
         if self.seconds[what] > 0:
