@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pickle
 import posixpath
 import sys
 import tempfile
@@ -185,7 +186,7 @@ class MlflowLogger(TrainCallback):
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train worker: restore or initialise, then the library's loop."""
-    plan: WorkerPlan = config["plan"]
+    plan: WorkerPlan = pickle.loads(config["plan"])
     torch.set_num_threads(max(1, int(plan.train.cpus_per_worker)))  # leave the rest to the decoders
     os.environ.update(plan.mlflow_env)  # bounded MLflow retries, on this node too
     with sampling(plan.system_metrics):  # this node's CPU/GPU/memory, while it trains
@@ -432,7 +433,10 @@ def trainer(plan: WorkerPlan, scratch: StageOutput, run: str) -> TorchTrainer:
     resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"plan": plan},
+        # Pickled here: Ray Train hands train_loop_config to its controller too (in the run
+        # context), which would otherwise import this module (torch, MLflow) to unpickle
+        # the plan, about 2 s of CPU before any worker starts; only the workers need it.
+        train_loop_config={"plan": pickle.dumps(plan)},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(

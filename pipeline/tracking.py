@@ -381,10 +381,9 @@ def requirements() -> list[str]:
     torchvision pinned to the versions that pickled it."""
     from importlib import metadata
 
-    import torch
-    import torchvision
-
-    pinned = {"torch": torch.__version__.split("+")[0], "torchvision": torchvision.__version__.split("+")[0]}
+    # versions from the installed metadata: importing torchvision here cost the driver's
+    # first logged net about 1.5 s (it imports torch._dynamo)
+    pinned = {k: metadata.version(k).split("+")[0] for k in ("torch", "torchvision")}
     out = [f"{k}=={v}" for k, v in pinned.items()]
     for req in metadata.requires("vgg-pipeline") or []:
         name = req.split(";")[0].strip()

@@ -508,3 +508,37 @@ def test_the_trainer_runs_with_a_fast_controller_poll_unless_the_user_chose_one(
     monkeypatch.setenv(ray_train.POLL_ENV, "3")
     ray_train.fit_trainer(fake)
     assert seen[-1] == "3" and os.environ[ray_train.POLL_ENV] == "3"
+
+
+def _imports_after(code: str, *modules: str) -> dict[str, bool]:
+    """Which of `modules` a fresh interpreter has imported after running `code`."""
+    probe = code + f"\nimport sys; print(' '.join(str(m in sys.modules) for m in {list(modules)!r}))"
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return dict(zip(modules, (w == "True" for w in out.stdout.split()[-len(modules):])))
+
+
+def test_ray_trains_controller_does_not_import_the_worker_code(tmp_path):
+    """Ray Train hands train_loop_config to its controller inside the run context, and the
+    controller never runs the training function: the plan travels pickled, so that the
+    controller's process does not import pipeline.ray_train and MLflow (about 2 s of CPU in
+    every training stage, before any worker starts); the workers get the plan back."""
+    plan = ray_train.WorkerPlan("train/A", SimpleNamespace(train=TrainConfig()), str(tmp_path), {}, 3,
+                                str(tmp_path / "init.pt"), 1, "sqlite:///x.db", "run-id")
+    t = ray_train.trainer(plan, SimpleNamespace(uri=str(tmp_path / "scratch")), "run")
+    assert pickle.loads(t.train_loop_config["plan"]) == plan
+    blob = tmp_path / "context.pkl"
+    blob.write_bytes(pickle.dumps(t.train_run_context))
+    seen = _imports_after(f"import pickle; pickle.loads(open({str(blob)!r}, 'rb').read())",
+                          "pipeline.ray_train", "mlflow", "vgg.training.loop")
+    assert seen == {"pipeline.ray_train": False, "mlflow": False, "vgg.training.loop": False}
+
+
+def test_a_logged_nets_requirements_do_not_import_torchvision():
+    """The requirements pin torch and torchvision from the installed metadata: importing
+    torchvision (and with it torch._dynamo) cost the driver's first logged net about 1.5 s."""
+    seen = _imports_after("from pipeline.tracking import requirements\n"
+                          "reqs = requirements()\n"
+                          "assert any(r.startswith('torchvision==') for r in reqs), reqs",
+                          "torchvision", "torch._dynamo")
+    assert seen == {"torchvision": False, "torch._dynamo": False}
