@@ -25,15 +25,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
 FP32 = ["train.bf16=false", "train.channels_last=false", "evaluate.bf16=false", "evaluate.channels_last=false"]
 COMPARED = "multi-crop@single"
-
 
 def one(seed: int, work: Path, extra: list[str] = ()) -> dict:
     cmd = [sys.executable, str(ROOT / "pipeline" / "run.py"), "--set", f"work_dir={work}",
@@ -61,23 +57,13 @@ def one(seed: int, work: Path, extra: list[str] = ()) -> dict:
     out["claims"] = json.loads(report.read_text()).get("claims")
     return out
 
-
 def paired(bf16_work: Path, fp32_work: Path, net: str) -> tuple[float, float, float, float]:
     """(bf16 error, fp32 error, 95% paired-bootstrap interval of their difference), % top-1,
     of a net's COMPARED mode in two runs on the same images."""
-    from vgg.results.metrics import bootstrap_errors, interval, read_posteriors
-    from vgg.storage import resolve_uri
+    from benchmarks.compare_runs import paired as compare
 
-    hits = {}
-    for name, work in (("bf16", bf16_work), ("fp32", fp32_work)):
-        path = next((work / "stages" / "evaluate" / net).glob(f"*/posteriors/{COMPARED}.*"))
-        post = read_posteriors(*resolve_uri(str(path)))
-        order = np.argsort(post.keys)
-        hits[name] = post.probs.argmax(1)[order] == post.labels[order]
-    reps = bootstrap_errors(hits, samples=2000, seed=0)
-    lo, hi = interval(100 * (reps["bf16"] - reps["fp32"]))
-    return 100 * (1 - hits["bf16"].mean()), 100 * (1 - hits["fp32"].mean()), lo, hi
-
+    r = compare(bf16_work, fp32_work, net, COMPARED)
+    return r["a"], r["b"], *r["diff_ci"]
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -103,7 +89,6 @@ def main() -> None:
     bad = [(r["seed"], n) for r in results for n, v in r["nets"].items()
            if v["eval_collapsed"] or v["train_collapsed"]]
     print("collapsed: " + (", ".join(f"{n} (seed {s})" for s, n in bad) if bad else "none"))
-
 
 if __name__ == "__main__":
     main()
