@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vgg.config import TrainConfig  # noqa: E402
 from vgg.training.loop import FitOptions  # noqa: E402
 from vgg.models import build_vgg  # noqa: E402
+from vgg.training.steps import Precision  # noqa: E402
 
 
 class MemoryLoader:
@@ -61,11 +62,17 @@ class Plan:
         return self.opts.per_worker_batch
 
 
+def precision_of(args) -> Precision:
+    """--precision auto: what the pipeline's `auto` chooses on this CPU; fp32: float32 NCHW."""
+    choice = "auto" if args.precision == "auto" else False
+    return Precision.choose(choice, choice, torch.device("cpu"))
+
+
 def make_plan(args, workers: int, cpus: float) -> Plan:
     t = TrainConfig(batch_size=args.batch, width=args.width, num_workers=workers,
                     cpus_per_worker=cpus, log_every=0)
     return Plan(t, FitOptions(epochs=1, num_classes=args.classes, per_worker_batch=args.batch // workers,
-                              log_every=0, name="bench", crop=args.crop))
+                              precision=precision_of(args), log_every=0, name="bench", crop=args.crop))
 
 
 def timed_epochs(net, plan, rank: int, device, args, barrier=lambda: None) -> float:
@@ -100,7 +107,7 @@ def plain(args) -> float:
     torch.set_num_threads(args.cpus)
     torch.manual_seed(0)
     plan = make_plan(args, 1, args.cpus)
-    net = build_vgg(args.arch, num_classes=args.classes, width=args.width, crop=args.crop)
+    net = plan.opts.precision.net(build_vgg(args.arch, num_classes=args.classes, width=args.width, crop=args.crop))
     return timed_epochs(net, plan, 0, torch.device("cpu"), args)
 
 
@@ -117,7 +124,7 @@ def ray_worker(config: dict) -> float:
     args, plan = config["args"], config["plan"]
     torch.set_num_threads(max(1, int(plan.train.cpus_per_worker)))
     torch.manual_seed(0)
-    net = build_vgg(args.arch, num_classes=args.classes, width=args.width, crop=args.crop)
+    net = plan.opts.precision.net(build_vgg(args.arch, num_classes=args.classes, width=args.width, crop=args.crop))
     net = ray.train.torch.prepare_model(net)
     rank = ray.train.get_context().get_world_rank()
     barrier = dist.barrier if dist.is_initialized() else (lambda: None)
@@ -156,6 +163,9 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=2, help="rounds of (plain, 1 worker, 2 workers)")
     p.add_argument("--settle", type=float, default=10.0, help="seconds to wait after starting Ray")
     p.add_argument("--cpus", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--precision", choices=("auto", "fp32"), default="auto",
+                   help="auto: the pipeline's default choice on this CPU (bf16 and channels_last where "
+                        "native); fp32: float32 NCHW")
     p.add_argument("--storage", default="/tmp/bench_train_ray")
     p.add_argument("--plain-only", action="store_true", help=argparse.SUPPRESS)
     argv = sys.argv[1:] if argv is None else argv
@@ -169,6 +179,7 @@ def main(argv=None) -> None:
     start_local_ray(args.cpus, "127.0.0.1", log_to_driver=False)
     time.sleep(args.settle)  # Ray's own processes start up busy: do not time against them
     print(f"VGG-{args.arch} width {args.width} crop {args.crop}, global batch {args.batch}, "
+          f"{precision_of(args).params()}, "
           f"best of {args.epochs} epochs x {args.steps} steps, {args.cpus} CPUs; load average before: {os.getloadavg()}", flush=True)
     runs: dict[str, list[float]] = {"plain": [], "ray x1": [], "ray x2": []}
     for r in range(args.repeats):
