@@ -521,8 +521,8 @@ def _imports_after(code: str, *modules: str) -> dict[str, bool]:
 def test_ray_trains_controller_does_not_import_the_worker_code(tmp_path):
     """Ray Train hands train_loop_config to its controller inside the run context, and the
     controller never runs the training function: the plan travels pickled, so that the
-    controller's process does not import pipeline.ray_train and MLflow (about 2 s of CPU in
-    every training stage, before any worker starts); the workers get the plan back."""
+    controller's process does not import pipeline.ray_train and MLflow (0.7 s of CPU in every
+    training stage here, before any worker starts); the workers get the plan back."""
     plan = ray_train.WorkerPlan("train/A", SimpleNamespace(train=TrainConfig()), str(tmp_path), {}, 3,
                                 str(tmp_path / "init.pt"), 1, "sqlite:///x.db", "run-id")
     t = ray_train.trainer(plan, SimpleNamespace(uri=str(tmp_path / "scratch")), "run")
