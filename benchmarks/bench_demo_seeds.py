@@ -28,8 +28,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+
 FP32 = ["train.bf16=false", "train.channels_last=false", "evaluate.bf16=false", "evaluate.channels_last=false"]
 COMPARED = "multi-crop@single"
+
 
 def one(seed: int, work: Path, extra: list[str] = ()) -> dict:
     cmd = [sys.executable, str(ROOT / "pipeline" / "run.py"), "--set", f"work_dir={work}",
@@ -57,6 +59,7 @@ def one(seed: int, work: Path, extra: list[str] = ()) -> dict:
     out["claims"] = json.loads(report.read_text()).get("claims")
     return out
 
+
 def paired(bf16_work: Path, fp32_work: Path, net: str) -> tuple[float, float, float, float]:
     """(bf16 error, fp32 error, 95% paired-bootstrap interval of their difference), % top-1,
     of a net's COMPARED mode in two runs on the same images."""
@@ -64,6 +67,7 @@ def paired(bf16_work: Path, fp32_work: Path, net: str) -> tuple[float, float, fl
 
     r = compare(bf16_work, fp32_work, net, COMPARED)
     return r["a"], r["b"], *r["diff_ci"]
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -89,6 +93,7 @@ def main() -> None:
     bad = [(r["seed"], n) for r in results for n, v in r["nets"].items()
            if v["eval_collapsed"] or v["train_collapsed"]]
     print("collapsed: " + (", ".join(f"{n} (seed {s})" for s, n in bad) if bad else "none"))
+
 
 if __name__ == "__main__":
     main()

@@ -89,14 +89,14 @@ def breakdown(records: list[dict]) -> list[tuple[str, float, str]]:
             detail += f"; {len(procs)} new processes"
         rows.append((f"stage {i + 1}", wall, detail))
     rows.append(("after the last stage", end - stages[-1]["t1"], f"Ray shutdown {one('runner.disconnect_ray', records):.1f}"))
-    imports = {}
-    for mod in ("torch", "torch._dynamo", "mlflow"):
+    imports, heavy = {}, ("torch", "torch._dynamo", "mlflow")  # none imports another
+    for mod in heavy:
         d = [r["t1"] - r["t0"] for r in records if r["name"] == f"import:{mod}"]
         if d:
             imports[mod] = f"{len(d)} processes, median {statistics.median(d):.1f} s, total {sum(d):.1f} s"
     if imports:
-        rows.append(("imports (summed over processes; inside the rows above)", sum(r["t1"] - r["t0"] for r in records if r["name"].startswith("import:")
-                                    and r["name"][7:] in ("torch", "mlflow")),
+        total = sum(r["t1"] - r["t0"] for r in records if r["name"] in {f"import:{m}" for m in heavy})
+        rows.append(("imports (summed over processes; inside the rows above)", total,
                      "; ".join(f"{k}: {v}" for k, v in imports.items())))
     return rows
 
